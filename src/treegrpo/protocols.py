@@ -1,0 +1,74 @@
+"""The two small interfaces the tree sampler drives: a policy and an environment.
+
+Both are structural (`typing.Protocol`): anything with these methods works, including the scripted
+fakes used in tests. The sampler owns the tree; the environment owns episode state, which is an
+immutable value, so branching from the middle of a trajectory is just reusing a node's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from treegrpo.tree import ActionKind
+
+# A prompt is either chat messages ([{"role": ..., "content": ...}]) or already token ids.
+Prompt = list[dict[str, str]] | list[int]
+
+
+@dataclass
+class StepSample:
+    """One generated agent step, token ids out."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str  # decoding of token_ids: what the environment parses
+    entropies: list[float] = field(default_factory=list)
+    prefill_tokens: int = 0  # context tokens this backend actually ran a forward over for this step
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Samples agent steps. One `generate` call = one batched policy call for all active branches."""
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Chat messages → prompt ids (chat template, generation prompt added); ids pass through."""
+        ...
+
+    def encode_observation(self, text: str) -> list[int]:
+        """Tokenize an observation once, on its own (never re-tokenize sampled text)."""
+        ...
+
+    def generate(self, contexts: Sequence[Sequence[int]]) -> list[StepSample]:
+        """Continue each context by one agent step, stopping at an action end tag."""
+        ...
+
+
+@dataclass
+class StepResult:
+    """What the environment answers to one agent step."""
+
+    state: Any  # the new (immutable) episode state after this step
+    observation: str  # text appended after the step ("" for a final step)
+    done: bool  # the branch is finished: this node is a leaf
+    action: ActionKind
+    tool_calls: int = 0  # tool invocations this step made (0 or 1 for Search-R1)
+    tool_failures: int = 0  # of which failed (reported as an observation, never raised)
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """A multi-turn tool environment. Episode states must be values: `step` never mutates its input."""
+
+    def start(self, row: Mapping[str, Any]) -> tuple[Any, Prompt]:
+        """Begin an episode from one dataset row: (initial state, prompt)."""
+        ...
+
+    def step(self, states: Sequence[Any], actions: Sequence[str]) -> list[StepResult]:
+        """Advance many episodes by one agent step each (batched, so tool calls can be batched)."""
+        ...
+
+    def reward(self, state: Any) -> float:
+        """Outcome reward of a finished trajectory."""
+        ...
