@@ -1,0 +1,119 @@
+"""`treegrpo` command line: train, eval, rollout, serve-retriever, config show.
+
+User-facing errors (bad config, data, paths, unreachable services) print one line and exit 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from treegrpo.errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (merged over the preset)")
+    p.add_argument("--preset", help="built-in preset (default: quickstart)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set rollout.m=4 --set trainer.lr=1e-5 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="treegrpo", description="Tree-GRPO for tool-using LLM agents")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("train", help="train an agent (default: the quickstart preset)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+
+    p = sub.add_parser("eval", help="greedy exact-match evaluation of a model on the eval split")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint or model directory (default: the run's latest)")
+
+    p = sub.add_parser("rollout", help="sample trees and write them as JSON lines")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output .jsonl path")
+    p.add_argument("--prompts", type=int, default=4, help="number of prompts to sample trees for")
+    p.add_argument("--checkpoint", help="checkpoint or model directory (default: the warm-started model)")
+
+    p = sub.add_parser("serve-retriever", help="serve a BM25 index over the Search-R1 retrieval protocol")
+    p.add_argument("--corpus", required=True, help="jsonl corpus ({id,title,text} or {id,contents})")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = sub.add_parser("config", help="configuration helpers")
+    csub = p.add_subparsers(dest="config_command")
+    show = csub.add_parser("show", help="print the effective config as YAML")
+    _add_config_args(show)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from treegrpo.config import load_config
+
+    if args.command in (None, "train"):
+        from treegrpo.trainer import train
+
+        cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []), getattr(args, "preset", None))
+        train(cfg, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False))
+        return 0
+    if args.command == "eval":
+        from treegrpo.trainer import evaluate_cli
+
+        cfg = load_config(args.config, args.overrides, args.preset)
+        evaluate_cli(cfg, checkpoint=args.checkpoint)
+        return 0
+    if args.command == "rollout":
+        from treegrpo.trainer import rollout_cli
+
+        cfg = load_config(args.config, args.overrides, args.preset)
+        rollout_cli(cfg, out=args.out, num_prompts=args.prompts, checkpoint=args.checkpoint)
+        return 0
+    if args.command == "serve-retriever":
+        from treegrpo.retrievers import BM25Retriever
+        from treegrpo.retrievers.server import serve
+
+        retriever = BM25Retriever(corpus_path=args.corpus)
+        print(f"serving {args.corpus} on http://{args.host}:{args.port}/retrieve (Ctrl-C to stop)", flush=True)
+        serve(retriever, host=args.host, port=args.port)
+        return 0
+    if args.command == "config":
+        if args.config_command != "show":
+            raise UserError("config: use `treegrpo config show [--config FILE] [--set KEY=VALUE]`")
+        cfg = load_config(args.config, args.overrides, args.preset)
+        sys.stdout.write(cfg.to_yaml())
+        return 0
+    raise UserError(f"unknown command {args.command!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+        if args.debug:
+            raise
+        if isinstance(e, UserError | FileNotFoundError | PermissionError):
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Run configuration: typed dataclasses, loaded from YAML, validated field by field.
+
+Names follow TRL / verl where the concept is the same (`beta`, `epsilon`, `loss_agg_mode`,
+`num_generations`, ...). Tree-GRPO's own knobs are `rollout.m`, `rollout.n`, `rollout.l`,
+`rollout.strategy` and `advantage.estimator`. Every error names the offending dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from treegrpo.errors import UserError
+from treegrpo.rollout import RolloutConfig
+
+
+class ConfigError(UserError, ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    # `path`: a HF model directory or hub-style name already on disk. Empty = build a tiny model
+    # from `arch` with a tokenizer trained on the task corpus (the quickstart).
+    path: str = ""
+    arch: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = field(default=96, metadata={"min": 8})
+    num_layers: int = field(default=3, metadata={"min": 1})
+    num_heads: int = field(default=4, metadata={"min": 1})
+    tokenizer: Literal["wordlevel", "bpe"] = "wordlevel"
+    gguf_file: str = ""  # load weights from a GGUF file inside `path` (SmolLM2 preset)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    lora: bool = False
+    lora_r: int = field(default=16, metadata={"min": 1})
+    lora_alpha: int = field(default=32, metadata={"min": 1})
+    lora_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class PolicyConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    temperature: float = field(default=1.0, metadata={"min": 0.0})
+    top_p: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
+    max_new_tokens: int = field(default=48, metadata={"min": 1})
+
+
+@dataclass
+class RetrieverConfig:
+    kind: Literal["bm25", "http"] = "bm25"
+    corpus: str = ""  # jsonl corpus for bm25; empty = the task's built-in corpus
+    url: str = ""  # Search-R1 retrieval server, e.g. http://127.0.0.1:8000/retrieve
+    timeout: float = field(default=10.0, metadata={"min": 0.0})
+    max_retries: int = field(default=2, metadata={"min": 0})
+
+
+@dataclass
+class EnvConfig:
+    name: str = "search_r1"  # or an import path "my_pkg.my_env:MyEnv"
+    max_turns: int = field(default=4, metadata={"min": 1})
+    topk: int = field(default=1, metadata={"min": 1})
+    max_obs_tokens: int = field(default=64, metadata={"min": 1})
+    reward: str = "em_format"  # a registered reward or an import path
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to a plug-in environment's constructor
+
+
+@dataclass
+class DataConfig:
+    task: str = "synthetic-kb"  # built-in task; ignored when train_path is set
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    train_path: str = ""  # parquet / jsonl / datasets dir
+    eval_path: str = ""
+    eval_size: int = field(default=200, metadata={"min": 1})
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = "tree"  # tree | tree_intra | tree_inter | tree_2norm | grpo | rloo
+    eps: float = field(default=1e-6, metadata={"min": 0.0})
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = field(default=60, metadata={"min": 0})
+    prompts_per_step: int = field(default=16, metadata={"min": 1})
+    mini_batch_prompts: int = field(default=0, metadata={"min": 0})  # 0 = one optimizer step per rollout
+    ppo_epochs: int = field(default=1, metadata={"min": 1})
+    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1})
+    lr: float = field(default=3e-4, metadata={"min": 0.0})
+    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    weight_decay: float = field(default=0.01, metadata={"min": 0.0})
+    adam_beta1: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    adam_beta2: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0})
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0.0})
+    epsilon: float = field(default=0.2, metadata={"min": 0.0})
+    epsilon_high: float = field(default=0.2, metadata={"min": 0.0})
+    clip_ratio_c: float = field(default=3.0, metadata={"min": 1.0})
+    beta: float = field(default=0.001, metadata={"min": 0.0})
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coeff: float = field(default=0.001)
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    packing: Literal["tree", "leaf"] = "tree"
+    eval_every: int = field(default=20, metadata={"min": 0})
+    save_every: int = field(default=20, metadata={"min": 0})
+    keep_last: int = field(default=2, metadata={"min": 1})
+    max_bad_steps: int = field(default=3, metadata={"min": 1})
+    save_trees_every: int = field(default=10, metadata={"min": 0})
+
+
+@dataclass
+class WarmStartConfig:
+    enabled: bool = True
+    num_demos: int = field(default=300, metadata={"min": 0})
+    epochs: int = field(default=3, metadata={"min": 0})
+    lr: float = field(default=3e-3, metadata={"min": 0.0})
+    batch_size: int = field(default=16, metadata={"min": 1})
+    early_stop_prob: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class Config:
+    name: str = "quickstart"
+    seed: int = 0
+    output_dir: str = "runs"
+    cache_dir: str = ".cache/treegrpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_STRATEGIES = ("random", "chain", "fixed_depth", "depth_stratified", "entropy")
+_ESTIMATORS = ("tree", "tree_intra", "tree_inter", "tree_2norm", "grpo", "rloo")
+
+
+def _check_value(name: str, tp: Any, value: Any) -> Any:
+    """Coerce `value` to the annotated type `tp` or raise ConfigError naming `name`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(name, args[0], value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(f"{name}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = [n for n in fields if n.lower() == str(key).lower()]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown key{hint}")
+        v = _check_value(dotted, hints[key], value)
+        meta = fields[key].metadata
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            if "min" in meta and v < meta["min"]:
+                raise ConfigError(f"{dotted}: must be >= {meta['min']}, got {v}")
+            if "max" in meta and v > meta["max"]:
+                raise ConfigError(f"{dotted}: must be <= {meta['max']}, got {v}")
+        kwargs[key] = v
+    obj = cls(**kwargs)
+    # Defaults of untouched fields also pass the range checks, by construction.
+    return obj
+
+
+def _validate(cfg: Config) -> Config:
+    if cfg.rollout.strategy not in _STRATEGIES:
+        raise ConfigError(f"rollout.strategy: must be one of {', '.join(_STRATEGIES)}; got {cfg.rollout.strategy!r}")
+    try:
+        cfg.rollout.validate()
+    except ValueError as e:
+        field_name, _, rest = str(e).partition(" must")
+        raise ConfigError(f"{field_name}: must{rest}") from None
+    if cfg.advantage.estimator not in _ESTIMATORS:
+        raise ConfigError(
+            f"advantage.estimator: must be one of {', '.join(_ESTIMATORS)}; got {cfg.advantage.estimator!r}"
+        )
+    if cfg.rollout.strategy != "chain" and cfg.rollout.m * (1 + cfg.rollout.n * cfg.rollout.l) < 2:
+        raise ConfigError("rollout.m: a group needs at least 2 trajectories (m * (1 + n * l) >= 2)")
+    if cfg.env.retriever.kind == "http" and not cfg.env.retriever.url:
+        raise ConfigError("env.retriever.url: required when env.retriever.kind is 'http'")
+    if cfg.model.lora and not cfg.model.path:
+        raise ConfigError("model.lora: LoRA needs a pretrained model.path")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: must be a non-empty run name without '/'; got {cfg.name!r}")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=1e-5` → (["a", "b"], 1e-05). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("treegrpo.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = resources.files("treegrpo.presets") / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--preset {name}: unknown preset; choose from {', '.join(preset_names())}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
+) -> Config:
+    """Preset (default `quickstart`) ← YAML file ← `--set` overrides, then validated."""
+    data: dict[str, Any] = load_preset(preset or "quickstart") if (preset or not path) else {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        data = _merge(data, loaded or {})
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        cur = data
+        for k in keys[:-1]:
+            nxt = cur.get(k)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                cur[k] = nxt
+            cur = nxt
+        cur[keys[-1]] = value
+    return _validate(_build(Config, data))

@@ -1,0 +1,1 @@
+"""Built-in run presets (YAML), selected with `treegrpo train --preset NAME`."""

@@ -1,0 +1,106 @@
+"""Locally trained tokenizers for tiny policies (no hub downloads).
+
+Tests, benchmarks and the scripted tasks need a tokenizer that is small, deterministic and built offline.
+The Search-R1 protocol tags are single, *non-special* tokens: they must survive
+`decode(..., skip_special_tokens=True)` because the environment parses them from the decoded step text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PROTOCOL_TAGS: tuple[str, ...] = (
+    "<think>",
+    "</think>",
+    "<search>",
+    "</search>",
+    "<information>",
+    "</information>",
+    "<answer>",
+    "</answer>",
+)
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS, IM_START, IM_END)
+
+# ChatML-like: simple, and the generation prompt ends with a newline so the reply starts cleanly.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Word-level pieces: a word or number with at most one leading space, one punctuation char, or one
+# whitespace char. Concatenating the pieces gives back the text exactly, so decoding is a plain join.
+_WORD_PATTERN = r" ?[\p{L}\p{N}_]+|[^\s\p{L}\p{N}_]|\s"
+_BARE_WORD = re.compile(r"\w+")
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    kind: Literal["wordlevel", "bpe"] = "wordlevel",
+    vocab_size: int = 4096,
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    extra_tokens: Sequence[str] = (),
+    min_frequency: int = 1,
+) -> PreTrainedTokenizerFast:
+    """Train a tokenizer on `texts` and wrap it for transformers.
+
+    `wordlevel`: one token per word (leading space included), punctuation char or whitespace char; unseen
+    words map to `<unk>`. Text made of seen words round-trips exactly. `bpe`: byte-level BPE, round-trips
+    any text. Protocol tags and `extra_tokens` (e.g. entity names) are added as single non-special tokens.
+    """
+    if kind not in ("wordlevel", "bpe"):
+        raise ValueError(f"kind must be 'wordlevel' or 'bpe', got {kind!r}")
+    specials = list(dict.fromkeys([PAD, UNK, BOS, EOS, IM_START, IM_END, *special_tokens]))
+    texts = list(texts)
+    if kind == "wordlevel":
+        # A word at a line start has no leading space: also teach every word (and the chat roles) bare ...
+        texts = [*texts, "system\nuser\nassistant"]
+        words = ["\n".join(_BARE_WORD.findall(t)) for t in texts]
+        texts += words + [" " + w.replace("\n", " ") for w in words]  # ... and space-prefixed
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials
+        )
+    else:
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    # Protocol tags / extra tokens: added before training so the trainer never splits them.
+    plain = [t for t in dict.fromkeys([*PROTOCOL_TAGS, *extra_tokens]) if t not in specials]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    tok.train_from_iterator(texts, trainer=trainer)
+    # train_from_iterator may reorder; re-adding is a no-op for existing tokens.
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+    return wrap_tokenizer(tok)
+
+
+def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """Wrap a `tokenizers.Tokenizer` with our special tokens and chat template."""
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=IM_END,  # a chat model ends its turn with <|im_end|>
+        additional_special_tokens=[EOS, IM_START],
+        clean_up_tokenization_spaces=False,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.padding_side = "left"
+    return hf
