@@ -117,7 +117,7 @@ def build_sft_examples(
     parsed = [_steps_of(d) for d in demonstrations]
     states: list[Any] = []
     examples: list[SFTExample] = []
-    for row, steps in parsed:
+    for row, _steps in parsed:
         try:
             state, prompt = env.start(row)
         except ValueError as e:
@@ -168,12 +168,16 @@ def _batches(examples: Sequence[SFTExample], batch_size: int, pad_id: int, devic
         yield ids.to(device), att.to(device), lm.to(device)
 
 
-def _loss_sums(model: Any, ids: torch.Tensor, att: torch.Tensor, lm: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _loss_sums(
+    model: Any, ids: torch.Tensor, att: torch.Tensor, lm: torch.Tensor
+) -> tuple[torch.Tensor, float]:
     """Sum of next-token NLL over loss-mask tokens (a token's target comes from the previous position)."""
     logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
     targets = ids[:, 1:]
     mask = lm[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+    )
     return (nll * mask.reshape(-1)).sum(), float(mask.sum())
 
 
@@ -297,4 +301,12 @@ def warm_start(
     return sft_train(model, examples, **train_kw)
 
 
-__all__ = ["SFTExample", "SFTStats", "build_sft_examples", "default_encoders", "sft_loss", "sft_train", "warm_start"]
+__all__ = [
+    "SFTExample",
+    "SFTStats",
+    "build_sft_examples",
+    "default_encoders",
+    "sft_loss",
+    "sft_train",
+    "warm_start",
+]

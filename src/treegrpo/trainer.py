@@ -402,8 +402,11 @@ def load_weights(model: Any, ckpt: Path) -> None:
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run `cfg` end to end; returns the final summary (also printed and saved as summary.json)."""
+    from transformers.utils import logging as hf_logging
+
     from treegrpo.progress import RunProgress
 
+    hf_logging.disable_progress_bar()
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.glob("checkpoints/step-*")) and not resume:
         raise UserError(f"{run_dir}: a run with checkpoints exists; pass --resume or choose another name")
