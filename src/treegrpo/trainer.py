@@ -419,7 +419,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         resumed = trainer.resume() if resume else False
         if resumed:
             ui.log(f"resumed from step {trainer.step}")
-        logger = MetricsLogger(run_dir, resume_from_step=trainer.step - 1 if resumed else None)
+        logger = MetricsLogger(run_dir, resume_from_step=trainer.step if resumed else None)
         tc = cfg.trainer
         history: dict[str, Any] = {"warmstart": parts.warmstart}
         start_eval = None
