@@ -154,7 +154,9 @@ def build_tiny_from_task(
     cache = Path(cfg.cache_dir) / "warmstart" / _cache_key(cfg)
     if (cache / "config.json").is_file() and (cache / "warmstart.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(cache))
-        model = AutoModelForCausalLM.from_pretrained(str(cache), attn_implementation=cfg.model.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(cache), attn_implementation=cfg.model.attn_implementation
+        )
         info = json.loads((cache / "warmstart.json").read_text())
         info["cached"] = True
         log(f"warm start: loaded cached model from {cache}")
@@ -178,7 +180,15 @@ def build_tiny_from_task(
         demos = task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed)
         log(f"warm start: SFT on {len(demos)} demonstrations ({ws.epochs} epochs)")
         stats = warm_start(
-            model, tok, env, demos, epochs=ws.epochs, lr=ws.lr, batch_size=ws.batch_size, seed=cfg.seed, on_step=on_sft_step
+            model,
+            tok,
+            env,
+            demos,
+            epochs=ws.epochs,
+            lr=ws.lr,
+            batch_size=ws.batch_size,
+            seed=cfg.seed,
+            on_step=on_sft_step,
         )
         info["sft"] = stats.to_dict()
     info["seconds"] = time.perf_counter() - t0
@@ -231,7 +241,9 @@ def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any 
         info: dict[str, Any] = {}
     else:
         if task is None:
-            raise _fail("model.path: required when training on your own data (the tiny model needs a built-in task)")
+            raise _fail(
+                "model.path: required when training on your own data (the tiny model needs a built-in task)"
+            )
         model, tok, info = build_tiny_from_task(cfg, task, retriever, log, on_sft_step)
     env = build_env(cfg, retriever, tok)
     return RunParts(model, tok, env, train_rows, eval_rows, task, info)

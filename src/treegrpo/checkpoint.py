@@ -105,7 +105,9 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Temporary (interrupted) directories are ignored."""
     if not ckpt_root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -132,4 +134,6 @@ def load_trainer_state(
         scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"], np_rng)
     meta = json.loads((ckpt / "trainer_state.json").read_text())
-    return TrainerState(step=int(meta["step"]), data_position=int(meta["data_position"]), extra=meta.get("extra", {}))
+    return TrainerState(
+        step=int(meta["step"]), data_position=int(meta["data_position"]), extra=meta.get("extra", {})
+    )

@@ -64,7 +64,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in (None, "train"):
         from treegrpo.trainer import train
 
-        cfg = load_config(getattr(args, "config", None), getattr(args, "overrides", []), getattr(args, "preset", None))
+        cfg = load_config(
+            getattr(args, "config", None), getattr(args, "overrides", []), getattr(args, "preset", None)
+        )
         train(cfg, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False))
         return 0
     if args.command == "eval":
@@ -84,7 +86,9 @@ def _run(args: argparse.Namespace) -> int:
         from treegrpo.retrievers.server import serve
 
         retriever = BM25Retriever(corpus_path=args.corpus)
-        print(f"serving {args.corpus} on http://{args.host}:{args.port}/retrieve (Ctrl-C to stop)", flush=True)
+        print(
+            f"serving {args.corpus} on http://{args.host}:{args.port}/retrieve (Ctrl-C to stop)", flush=True
+        )
         serve(retriever, host=args.host, port=args.port)
         return 0
     if args.command == "config":

@@ -7,6 +7,7 @@ Names follow TRL / verl where the concept is the same (`beta`, `epsilon`, `loss_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -189,10 +190,8 @@ def _check_value(name: str, tp: Any, value: Any) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
@@ -234,7 +233,9 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 
 def _validate(cfg: Config) -> Config:
     if cfg.rollout.strategy not in _STRATEGIES:
-        raise ConfigError(f"rollout.strategy: must be one of {', '.join(_STRATEGIES)}; got {cfg.rollout.strategy!r}")
+        raise ConfigError(
+            f"rollout.strategy: must be one of {', '.join(_STRATEGIES)}; got {cfg.rollout.strategy!r}"
+        )
     try:
         cfg.rollout.validate()
     except ValueError as e:
@@ -281,7 +282,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("treegrpo.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("treegrpo.presets").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_preset(name: str) -> dict[str, Any]:

@@ -21,7 +21,11 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from_step is not None and self.path.exists():
             # Drop lines of steps after the checkpoint we resume from: they will be recomputed.
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and _step_of(ln) <= resume_from_step]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and _step_of(ln) <= resume_from_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self._tb = None
         if tensorboard:

@@ -68,7 +68,10 @@ def make_policy(model: Any, tokenizer: Any, cfg: Config, greedy: bool, seed: int
 
 
 def group_ids_of(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return [str(r.get("group_id") or f"{r.get('data_source', 'data')}/{r.get('index', i)}") for i, r in enumerate(rows)]
+    return [
+        str(r.get("group_id") or f"{r.get('data_source', 'data')}/{r.get('index', i)}")
+        for i, r in enumerate(rows)
+    ]
 
 
 def evaluate(
@@ -89,7 +92,9 @@ def evaluate(
             leaf = tree.leaves()[0]
             ems.append(exact_match(extract_answer(tree.response_text(leaf.id)), row["golden_answers"]))
             rewards.append(float(leaf.reward or 0.0))
-            searches.append(sum(1 for n in tree.nodes if n.action == "search" and n.id in tree.ancestors(leaf.id)))
+            searches.append(
+                sum(1 for n in tree.nodes if n.action == "search" and n.id in tree.ancestors(leaf.id))
+            )
     return {
         "eval/em": float(np.mean(ems)),
         "eval/reward_mean": float(np.mean(rewards)),
@@ -104,7 +109,9 @@ class _Micro:
     ref_logprobs: torch.Tensor | None
 
 
-def _split_trees(trees: list[Tree], advs: list[np.ndarray], parts: int) -> list[tuple[list[Tree], list[float]]]:
+def _split_trees(
+    trees: list[Tree], advs: list[np.ndarray], parts: int
+) -> list[tuple[list[Tree], list[float]]]:
     """Split whole trees into `parts` micro-batches of similar token counts (never split a tree)."""
     parts = max(1, min(parts, len(trees)))
     sizes = [len(t.context_ids(0)) + sum(len(n.all_ids) for n in t.nodes[1:]) for t in trees]
@@ -193,7 +200,9 @@ class Trainer:
 
     def _updates_per_step(self) -> int:
         tc = self.cfg.trainer
-        per_epoch = 1 if tc.mini_batch_prompts == 0 else math.ceil(tc.prompts_per_step / tc.mini_batch_prompts)
+        per_epoch = (
+            1 if tc.mini_batch_prompts == 0 else math.ceil(tc.prompts_per_step / tc.mini_batch_prompts)
+        )
         return per_epoch * tc.ppo_epochs
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -293,7 +302,9 @@ class Trainer:
                         metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v)
                     metrics_acc["loss"] = metrics_acc.get("loss", 0.0) + float(loss.detach())
                 params = [p for p in self.model.parameters() if p.requires_grad]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else 1e30)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, tc.max_grad_norm if tc.max_grad_norm > 0 else 1e30
+                )
                 if not torch.isfinite(grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     return None
@@ -314,7 +325,9 @@ class Trainer:
         metrics: dict[str, Any] = {}
         r = np.asarray(rewards, dtype=np.float64)
         try:
-            adv = compute_advantages(r, groups, tree_ids, self.cfg.advantage.estimator, self.cfg.advantage.eps)
+            adv = compute_advantages(
+                r, groups, tree_ids, self.cfg.advantage.estimator, self.cfg.advantage.eps
+            )
         except ValueError as e:
             adv = None
             warnings.warn(f"step {self.step}: {e}; skipping the update", stacklevel=2)
@@ -324,7 +337,9 @@ class Trainer:
             train_metrics = self.train_on(forests, per_tree)
         if train_metrics is None:
             self.bad_steps += 1
-            warnings.warn(f"step {self.step}: non-finite reward/advantage/loss/gradient; update skipped", stacklevel=2)
+            warnings.warn(
+                f"step {self.step}: non-finite reward/advantage/loss/gradient; update skipped", stacklevel=2
+            )
             metrics["train/skipped"] = 1.0
         else:
             self.bad_steps = 0
@@ -395,7 +410,9 @@ def load_weights(model: Any, ckpt: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if "lm_head" not in k]  # tied embeddings are saved once
     if real_missing or unexpected:
-        raise UserError(f"{ckpt}: weights do not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{ckpt}: weights do not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 
@@ -439,7 +456,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                 metrics.update(evaluate(trainer.greedy, parts.env, parts.eval_rows))
             if tc.save_trees_every and (step % tc.save_trees_every == 0 or step == 1):
                 (run_dir / "trees").mkdir(exist_ok=True)
-                write_jsonl([t for f in forests for t in f.trees], run_dir / "trees" / f"step-{step:06d}.jsonl")
+                write_jsonl(
+                    [t for f in forests for t in f.trees], run_dir / "trees" / f"step-{step:06d}.jsonl"
+                )
             logger.log(step, metrics)
             ui.update(step, metrics)
             last = metrics
@@ -464,7 +483,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         "generated_tokens": trainer.totals.get("generated_tokens"),
         "tool_calls": trainer.totals.get("tool_calls"),
         "trajectories": trainer.totals.get("trajectories"),
-        **{f"warmstart_{k}": v for k, v in history["warmstart"].items() if k in ("cached", "seconds", "params")},
+        **{
+            f"warmstart_{k}": v
+            for k, v in history["warmstart"].items()
+            if k in ("cached", "seconds", "params")
+        },
     }
     _write_summary(run_dir, summary)
     ui.summary(summary)
@@ -506,7 +529,9 @@ def rollout_cli(cfg: Config, out: str, num_prompts: int, checkpoint: str | None 
     rcfg = cfg.rollout
     if rcfg.max_context_tokens is None:
         rcfg.max_context_tokens = int(getattr(parts.model.config, "max_position_embeddings", 4096))
-    result = sample_forests(rows, group_ids_of(rows), policy, parts.env, rcfg, np.random.default_rng(cfg.seed))
+    result = sample_forests(
+        rows, group_ids_of(rows), policy, parts.env, rcfg, np.random.default_rng(cfg.seed)
+    )
     rewards, groups, tree_ids = leaf_arrays(result.forests)
     adv = compute_advantages(rewards, groups, tree_ids, cfg.advantage.estimator, cfg.advantage.eps)
     _attach_advantages(result.forests, adv)
