@@ -97,6 +97,7 @@ def build_env(cfg: Config, retriever: Any, tokenizer: Any) -> Environment:
             max_obs_tokens=cfg.env.max_obs_tokens,
             reward_fn=cfg.env.reward,
             tokenizer=tokenizer,
+            template=cfg.env.template or None,
         )
     from treegrpo.plugins import load_object
 

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=4, help="number of prompts to sample trees for")
     p.add_argument("--checkpoint", help="checkpoint or model directory (default: the warm-started model)")
 
+    p = sub.add_parser("report", help="write RUN_DIR/report.html and print a text summary")
+    p.add_argument("run_dir", help="a run directory (runs/<name>)")
+
     p = sub.add_parser("serve-retriever", help="serve a BM25 index over the Search-R1 retrieval protocol")
     p.add_argument("--corpus", required=True, help="jsonl corpus ({id,title,text} or {id,contents})")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
@@ -81,6 +84,10 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides, args.preset)
         rollout_cli(cfg, out=args.out, num_prompts=args.prompts, checkpoint=args.checkpoint)
         return 0
+    if args.command == "report":
+        from treegrpo.report import report_cli
+
+        return report_cli(args.run_dir)
     if args.command == "serve-retriever":
         from treegrpo.retrievers import BM25Retriever
         from treegrpo.retrievers.server import serve

@@ -70,6 +70,7 @@ class EnvConfig:
     topk: int = field(default=1, metadata={"min": 1})
     max_obs_tokens: int = field(default=64, metadata={"min": 1})
     reward: str = "em_format"  # a registered reward or an import path
+    template: str = ""  # prompt template with {question}; empty = the Search-R1 instruction
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to a plug-in environment's constructor
 
