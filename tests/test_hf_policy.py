@@ -1,11 +1,13 @@
 """HFPolicy: token ids in/out, stop tags, greedy determinism, prefix-cache reuse, live weights."""
 
+import numpy as np
 import pytest
 import torch
 
 from treegrpo.models import tiny_causal_lm
 from treegrpo.packing import forward_logprobs, pack
 from treegrpo.policies import HFPolicy
+from treegrpo.policies.hf import KVBlock, PrefixCache
 from treegrpo.protocols import Policy
 from treegrpo.tokenizer import train_tokenizer
 from treegrpo.tree import Tree
@@ -177,3 +179,65 @@ def test_encoding_and_limits(model, tok):
         pol.generate([[5], [len(tok) + 100]])
     with pytest.raises(ValueError, match="temperature"):
         HFPolicy(model, tok, temperature=0.0)
+
+
+def test_rows_finishing_early_are_compacted_and_their_kv_reused(tok):
+    """Rows stop at different steps (the batch shrinks); the next step re-uses every row's KV exactly."""
+    prompts = [
+        ids(tok, w) for w in ("who fox", "where dog", "when lazy", "what brown", "who dog", "the lazy")
+    ]
+    conts = [ids(tok, " the" * k + " fox</search>") for k in range(len(prompts))]
+    m = memorize(tok, list(zip(prompts, conts, strict=True)), steps=120)
+    kw = dict(greedy=True, max_new_tokens=10)
+    cached, plain = HFPolicy(m, tok, **kw), HFPolicy(m, tok, prefix_cache_tokens=0, **kw)
+    small = HFPolicy(m, tok, prefix_cache_tokens=30, **kw)  # several blocks, evictions
+    first = [pol.generate(prompts) for pol in (cached, plain, small)]
+    assert (
+        [s.token_ids for s in first[0]] == [s.token_ids for s in first[1]] == [s.token_ids for s in first[2]]
+    )
+    assert [len(s.token_ids) for s in first[0]] == [len(c) for c in conts]  # really different lengths
+    solo = [HFPolicy(m, tok, **kw).generate([p])[0] for p in prompts]
+    for s, u in zip(first[0], solo, strict=True):
+        assert s.token_ids == u.token_ids and s.logprobs == pytest.approx(u.logprobs, abs=1e-5)
+    obs = ids(tok, " the quick dog .")
+    nxt = [p + s.token_ids + obs for p, s in zip(prompts, first[0], strict=True)]
+    out_c, out_p, out_s = (pol.generate(nxt) for pol in (cached, plain, small))
+    assert [s.token_ids for s in out_c] == [s.token_ids for s in out_p] == [s.token_ids for s in out_s]
+    for s, u, w in zip(out_c, out_p, out_s, strict=True):
+        assert s.logprobs == pytest.approx(u.logprobs, abs=1e-4)
+        assert s.entropies == pytest.approx(u.entropies, abs=1e-4)
+        assert w.logprobs == pytest.approx(u.logprobs, abs=1e-4)
+    assert [s.prefill_tokens for s in out_c] == [1 + len(obs)] * len(nxt)
+    assert small.cache.tokens <= 30
+    assert sum(s.prefill_tokens for s in out_s) < sum(len(c) for c in nxt)  # the small cache still helps
+
+
+def test_prefix_cache_counts_live_blocks_and_evicts_lru():
+    def block(n):
+        return KVBlock(kv=[(torch.zeros(n, 1, 2), torch.zeros(n, 1, 2))], size=n)
+
+    cache = PrefixCache(max_tokens=10)
+    b1 = block(6)
+    cache.store(np.array([1, 2, 3]), b1, 0)
+    cache.store(np.array([4, 5, 6]), b1, 3)
+    assert cache.tokens == 6 and len(cache) == 2  # one block, counted once
+    assert cache.lookup(np.array([1, 2, 9, 9])) == (2, (b1, 0))
+    assert cache.lookup(np.array([7])) == (0, None)
+    cache.store(np.array([1, 2]), block(2), 0)  # covered by [1, 2, 3]: not kept
+    assert cache.tokens == 6 and len(cache) == 2
+    b2 = block(3)
+    cache.store(np.array([1, 2, 3, 4]), b2, 0)  # replaces its prefix [1, 2, 3]; b1 lives on via [4, 5, 6]
+    assert cache.tokens == 9 and b1.refs == 1
+    cache.store(np.array([8, 8]), block(2), 0)  # over budget: the LRU entry ([4, 5, 6], last of b1) goes
+    assert cache.tokens == 5 and b1.refs == 0 and cache.lookup(np.array([4, 5])) == (0, None)
+    assert cache.lookup(np.array([1, 2, 3, 4, 5]))[0] == 4
+
+
+def test_small_models_generate_single_threaded_and_restore_threads(model, tok):
+    before = torch.get_num_threads()
+    pol = HFPolicy(model, tok, greedy=True, max_new_tokens=3, stop_strings=())
+    assert pol.cpu_threads == 1
+    pol.generate([ids(tok, "who")])
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="cpu_threads"):
+        HFPolicy(model, tok, cpu_threads=0)

@@ -69,7 +69,12 @@ def build_retriever(cfg: Config, task: Any) -> Any:
     if rc.kind == "http":
         from treegrpo.retrievers import HTTPRetriever, RetrieverError
 
-        retriever = HTTPRetriever(rc.url, timeout=rc.timeout, max_retries=rc.max_retries)
+        if rc.timeout <= 0:
+            raise _fail(f"env.retriever.timeout: must be > 0 seconds for an http retriever, got {rc.timeout}")
+        try:
+            retriever = HTTPRetriever(rc.url, timeout=rc.timeout, max_retries=rc.max_retries)
+        except ValueError as e:
+            raise _fail(f"env.retriever.url: {e}") from None
         try:  # fail fast at start-up; during training a failure only becomes an observation
             retriever.search(["connectivity check"], 1)
         except RetrieverError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from treegrpo.errors import UserError
@@ -107,9 +108,17 @@ def _run(args: argparse.Namespace) -> int:
     raise UserError(f"unknown command {args.command!r}")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kw: object) -> str:
+    """Warnings (e.g. a skipped non-finite step) as `warning: ...` lines, not source excerpts."""
+    return f"warning: {str(message).strip().splitlines()[0] if str(message).strip() else category.__name__}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    saved_format = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -122,8 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"error: {msg}", file=sys.stderr)
             return 2
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = saved_format
 
 
 if __name__ == "__main__":

@@ -24,9 +24,14 @@ from typing import Any
 import numpy as np
 
 from treegrpo.budget import SAMPLER_KEYS, batch_budget, forest_budget
+from treegrpo.errors import UserError
 from treegrpo.expansion import get_strategy
 from treegrpo.protocols import Environment, Policy
 from treegrpo.tree import ActionKind, Forest, Tree
+
+
+class PromptTooLongError(UserError, ValueError):
+    """A prompt leaves no room to generate: a data/config problem, reported as one line naming the row."""
 
 
 @dataclass
@@ -219,9 +224,9 @@ def sample_forests(
         if not prompt_ids:
             raise ValueError(f"row {i} ({gid}): empty prompt")
         if cfg.max_context_tokens is not None and len(prompt_ids) >= cfg.max_context_tokens:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"row {i} ({gid}): prompt has {len(prompt_ids)} tokens, "
-                f"not below max_context_tokens={cfg.max_context_tokens}"
+                f"not below rollout.max_context_tokens={cfg.max_context_tokens}"
             )
         trees = [Tree.new(str(gid), k, prompt_ids, state=state) for k in range(cfg.trees_per_prompt)]
         forests.append(Forest(str(gid), trees))

@@ -331,7 +331,7 @@ class Trainer:
             )
         except ValueError as e:
             adv = None
-            warnings.warn(f"step {self.step}: {e}; skipping the update", stacklevel=2)
+            warnings.warn(f"step {self.step + 1}: {e}; skipping the update", stacklevel=2)
         train_metrics = None
         if adv is not None and np.all(np.isfinite(adv)):
             per_tree = _attach_advantages(forests, adv)
@@ -340,7 +340,7 @@ class Trainer:
         if train_metrics is None:
             self.bad_steps += 1
             warnings.warn(
-                f"step {self.step}: non-finite reward/advantage/loss/gradient; update skipped", stacklevel=2
+                f"step {self.step + 1}: non-finite reward/advantage/loss/gradient; update skipped", stacklevel=2
             )
             metrics["train/skipped"] = 1.0
         else:
@@ -470,7 +470,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
                     f"stopped after {trainer.bad_steps} consecutive non-finite steps at step {step}; "
                     f"the last good checkpoint is in {run_dir / 'checkpoints'}"
                 )
-            if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
+            # No periodic checkpoint inside a run of skipped steps: with keep_last it would prune the
+            # last good checkpoint that TrainingDiverged points the user to.
+            if tc.save_every and step % tc.save_every == 0 and step < tc.steps and trainer.bad_steps == 0:
                 trainer.save()
         if tc.steps > 0:
             trainer.save()

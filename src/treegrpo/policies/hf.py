@@ -1,10 +1,13 @@
 """A `Policy` on Hugging Face transformers: token ids in, token ids out, with a prefix KV cache.
 
-Sampling is our own loop over `model(...)` with a `DynamicCache`: every row of a batch keeps its real
-positions (explicit `position_ids`) and an explicit additive 4D mask, so rows may start from cached
-prefixes of different lengths. After each step the KV of `context + generated[:-1]` is kept in a small
-LRU prefix cache keyed by token ids; the next step of the branch (context + step + observation) and every
-later expansion of a node (its full context) re-use it and prefill only the new tokens.
+Sampling is our own loop over `model(...)`: every row of a batch keeps its real positions (explicit
+`position_ids`) and an explicit additive 4D mask, so rows may start from cached prefixes of different
+lengths. The KV lives in per-layer buffers preallocated for the whole batch (a decode step writes one slot
+in place instead of re-concatenating the cache), the decode mask is one preallocated column per slot, and
+rows that finished are compacted out of the batch. When rows finish, the KV of `context + generated[:-1]`
+is gathered (a few indexing ops per batch, not per row) into a small LRU prefix cache keyed by token ids;
+the next step of the branch (context + step + observation) and every later expansion of a node (its full
+context) re-use it and prefill only the new tokens.
 
 Reported per-token `logprobs` and `entropies` are of softmax(logits / temperature) over the full
 vocabulary (before top-p truncation): exactly what `treegrpo.packing.forward_logprobs(model, batch,
@@ -34,6 +37,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from treegrpo.protocols import Prompt, StepSample
 
 DEFAULT_STOP = ("</search>", "</answer>")
+SMALL_MODEL_PARAMS = 20_000_000  # below this, CPU generation runs single-threaded unless told otherwise
 
 
 @dataclass(eq=False)
@@ -163,9 +167,14 @@ class _SlabLayer(DynamicLayer):
     def select_rows(self, idx: Tensor) -> None:
         """Keep only batch rows `idx` (drops finished rows so later steps compute less)."""
         assert self.k_buf is not None and self.v_buf is not None
-        self.k_buf = self.k_buf.index_select(0, idx)
-        self.v_buf = self.v_buf.index_select(0, idx)
+        self.k_buf, self.v_buf = (self._select(b, idx) for b in (self.k_buf, self.v_buf))
         self._views()
+
+    def _select(self, buf: Tensor, idx: Tensor) -> Tensor:
+        # Only filled slots are copied: later slots are always written before anything reads them.
+        out = buf.new_empty((len(idx), *buf.shape[1:]))
+        out[:, :, : self.length] = buf[idx, :, : self.length]
+        return out
 
 
 class HFPolicy:
@@ -185,6 +194,7 @@ class HFPolicy:
         prefix_cache_tokens: int = 32768,
         max_context: int | None = None,
         seed: int = 0,
+        cpu_threads: int | None = None,
     ) -> None:
         if isinstance(model, str | Path):
             tokenizer = tokenizer if tokenizer is not None else str(model)
@@ -199,6 +209,8 @@ class HFPolicy:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if cpu_threads is not None and cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 or None, got {cpu_threads}")
         self.model = model
         self.tokenizer = tokenizer
         self.temperature = temperature
@@ -220,6 +232,12 @@ class HFPolicy:
         self._window = max([16, *(len(s) + 2 for s in self.stop_strings)])
         self._stop_ids: np.ndarray | None = None
         self._n_layers = self._num_layers()
+        # Decoding a small model is a long chain of tiny ops: on CPU, intra-op threads only add sync waits
+        # (badly so when other processes hold the cores), so by default such models generate on one thread.
+        n_params = sum(p.numel() for p in model.parameters())
+        self.cpu_threads = (
+            cpu_threads if cpu_threads is not None else (1 if n_params < SMALL_MODEL_PARAMS else None)
+        )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "calls": 0}
@@ -262,6 +280,9 @@ class HFPolicy:
                 work.append(i)
         bs = self.batch_size or max(len(work), 1)
         was_training = self.model.training
+        threads = torch.get_num_threads()
+        if self.cpu_threads is not None and self.device.type == "cpu" and self.cpu_threads != threads:
+            torch.set_num_threads(self.cpu_threads)
         self.model.eval()
         try:
             with torch.no_grad():
@@ -273,6 +294,8 @@ class HFPolicy:
                         out[i] = sample
         finally:
             self.model.train(was_training)
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         self.stats["calls"] += 1
         return [o for o in out if o is not None]
 
@@ -405,7 +428,7 @@ class HFPolicy:
                 break
             if finished:
                 active[finished] = False
-                if n_active <= len(rows) // 2:
+                if 4 * n_active <= 3 * len(rows):
                     # Most rows are done: store their KV, then shrink the batch to the live rows.
                     self._flush(pending, arrs, gen, reuse, suffix, past_len, new_len, cache)
                     pending = []
