@@ -92,7 +92,9 @@ def gen_string(rng: random.Random, max_len: int) -> tuple[str, str]:
     elif family == "codepoints":
         s = "".join(chr(rng.randint(0, 0x10FFFF)) for _ in range(rng.randint(0, 200)))
     elif family == "tags":
-        s = "".join(rng.choice(TAGS) if rng.random() < 0.5 else rng.choice(WORDS) for _ in range(rng.randint(0, 60)))
+        s = "".join(
+            rng.choice(TAGS) if rng.random() < 0.5 else rng.choice(WORDS) for _ in range(rng.randint(0, 60))
+        )
     elif family == "nested":
         s = rng.choice(WORDS)
         for _ in range(rng.randint(1, 30)):

@@ -16,7 +16,12 @@ BENCH = ROOT / "benchmarks"
 
 
 def _run(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
     )
@@ -26,6 +31,7 @@ def _load(name: str):  # noqa: ANN202 - a script module
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
     spec.loader.exec_module(mod)
     return mod
 
@@ -74,7 +80,9 @@ def test_vs_trl_reward_and_env_are_what_the_docstring_says() -> None:
     assert r2.done and env.reward(r2.state) == pytest.approx(0.5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed (pip install -e '.[bench]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None, reason="trl not installed (pip install -e '.[bench]')"
+)
 def test_vs_trl_tiny_side_by_side_gives_ratios() -> None:
     proc = _run(
         str(BENCH / "vs_trl.py"),

@@ -76,7 +76,10 @@ def test_train_rejects_bad_config_with_one_line(tiny_config: Path, capsys, overr
 @pytest.mark.parametrize(
     ("lines", "named"),
     [
-        (['{"question": "q0", "golden_answers": ["a"]}', "{not json", '{"question": "q2"}'], "line 2 (row 1)"),
+        (
+            ['{"question": "q0", "golden_answers": ["a"]}', "{not json", '{"question": "q2"}'],
+            "line 2 (row 1)",
+        ),
         (['{"question": "q0", "golden_answers": ["a"]}', '{"question": "q1"}'], "row 1"),
         (['{"question": "", "golden_answers": ["a"]}'], "row 0"),
         (['["a", "list"]'], "row 0"),
@@ -124,7 +127,10 @@ def test_corpus_without_the_needed_fields(tiny_config: Path, tmp_path: Path, cap
     [
         ([f"env.retriever.url=http://127.0.0.1:{_free_port()}/retrieve"], "is unreachable"),
         (["env.retriever.url=localhost:8000"], "must look like http://"),
-        (["env.retriever.url=http://127.0.0.1:9/retrieve", "env.retriever.timeout=0"], "env.retriever.timeout"),
+        (
+            ["env.retriever.url=http://127.0.0.1:9/retrieve", "env.retriever.timeout=0"],
+            "env.retriever.timeout",
+        ),
     ],
     ids=["connection-refused", "not-a-url", "zero-timeout"],
 )

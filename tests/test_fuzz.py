@@ -73,10 +73,12 @@ huge_text = st.tuples(tag_soup, st.integers(1, 100_000)).map(
 )
 nested = st.recursive(
     st.text(max_size=8),
-    lambda inner: st.tuples(st.sampled_from(["think", "search", "answer", "information", "x"]), inner).map(
-        lambda t: f"<{t[0]}>{t[1]}</{t[0]}>"
-    )
-    | st.lists(inner, max_size=4).map("".join),
+    lambda inner: (
+        st.tuples(st.sampled_from(["think", "search", "answer", "information", "x"]), inner).map(
+            lambda t: f"<{t[0]}>{t[1]}</{t[0]}>"
+        )
+        | st.lists(inner, max_size=4).map("".join)
+    ),
     max_leaves=20,
 )
 any_text = st.one_of(tag_soup, junk_text, unicode_text, nested, huge_text)
@@ -201,7 +203,9 @@ _EXPLODING = _Exploding()
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.one_of(any_text, st.none(), st.integers(), st.binary(max_size=20)), min_size=1, max_size=4))
+@given(
+    st.lists(st.one_of(any_text, st.none(), st.integers(), st.binary(max_size=20)), min_size=1, max_size=4)
+)
 def test_env_step_with_a_failing_retriever_and_non_string_actions(actions: list[object]) -> None:
     _count("env_failing", len(actions))
     env = SearchR1Env(_EXPLODING, max_turns=3, topk=1, max_obs_tokens=30)

@@ -238,6 +238,10 @@ def load_pretrained(cfg: Config) -> tuple[Any, Any]:
 
 def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any = None) -> RunParts:
     torch.manual_seed(cfg.seed)
+    if not cfg.model.path and not torch.cuda.is_available():
+        # A sub-million-parameter model gains nothing from a second CPU thread and loses a lot when
+        # the machine is busy (threads wait on each other at every small op).
+        torch.set_num_threads(1)
     task, train_rows, eval_rows = load_data(cfg)
     if not train_rows:
         raise _fail("data: the training set is empty")

@@ -269,6 +269,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # "Question: {question}" is text, not a mapping; mappings need explicit braces
     return key.split("."), value
 
 

@@ -340,7 +340,8 @@ class Trainer:
         if train_metrics is None:
             self.bad_steps += 1
             warnings.warn(
-                f"step {self.step + 1}: non-finite reward/advantage/loss/gradient; update skipped", stacklevel=2
+                f"step {self.step + 1}: non-finite reward/advantage/loss/gradient; update skipped",
+                stacklevel=2,
             )
             metrics["train/skipped"] = 1.0
         else:
