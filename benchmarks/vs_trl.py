@@ -27,6 +27,8 @@ Times: `train` = the update (old/ref log-prob forwards, loss, backward, clip, op
 `generate`). Memory: each system runs in its own subprocess; `working_mb` = peak RSS during the steps minus RSS
 once the trainer is built (activations, gradients, optimizer state, generation cache), `process_peak_mb` = the
 process's ru_maxrss (includes imports). Rounds alternate the systems; figures are medians over all timed steps.
+`--quick` is a smoke run (1 round, 32-token prompts and completions, where fixed per-step costs dominate):
+do not quote its ratios.
 """
 
 from __future__ import annotations

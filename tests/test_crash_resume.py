@@ -204,7 +204,12 @@ def test_sigkill_at_a_random_moment_then_resume_matches_the_uninterrupted_run(
     assert 0 <= logged - k <= 1, (k, logged)  # lost at most the steps since the last checkpoint
     assert k < steps
 
+    leftovers = len(list((run / "checkpoints").glob(".tmp-step-*")))
     assert main([*base, "--set", "name=killed", "--resume"]) == 0
+    print(
+        f"SIGKILL {delay:.2f}s after checkpoint 2: last logged step {logged}, resumed from {k}, "
+        f"{leftovers} half-written checkpoint dir(s) left"
+    )
     resumed = read_metrics(run)
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     for r in resumed:

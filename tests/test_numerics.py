@@ -108,6 +108,7 @@ def test_context_limit_ends_branches_cleanly(tiny_config: Path, capsys) -> None:
                 assert len(tree.path(leaf.id).token_ids) <= limit
                 assert leaf.reward is not None and math.isfinite(leaf.reward)
     assert leaves == 2 * 24 and truncated > 0
+    print(f"max_context_tokens={limit}: {truncated} of {leaves} leaves truncated")
     for r in read_metrics(run):
         assert math.isfinite(r["loss"])
 
