@@ -77,7 +77,7 @@ def test_non_finite_rewards_skip_updates_then_stop_keeping_the_last_good_checkpo
     err = capsys.readouterr().err
     errors = [ln for ln in err.splitlines() if ln.startswith("error")]
     assert len(errors) == 1, err  # progress log lines, one-line warnings, one error line
-    assert "3 consecutive non-finite steps" in errors[0] and "checkpoint" in errors[0]
+    assert "3 consecutive non-finite steps" in errors[0] and "step-000002" in errors[0]
     assert "Traceback" not in err
     # Skipped steps wrote no checkpoint, so keep_last=1 did not prune the good one.
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]

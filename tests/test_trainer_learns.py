@@ -73,3 +73,36 @@ def test_tree_grpo_increases_mean_reward(tmp_path: Path):
     rewards = [trainer.train_step()["train/reward_mean"] for _ in range(12)]
     first, last = float(np.mean(rewards[:3])), float(np.mean(rewards[-3:]))
     assert last > first + 0.2, rewards
+
+
+def test_on_policy_shortcut_equals_recomputed_old_logprobs(tmp_path: Path):
+    """Skipping the old-log-prob forward (one update per rollout) changes nothing but the cost."""
+    import copy
+
+    import torch
+
+    from treegrpo.trainer import Trainer
+
+    tok = train_tokenizer([" ".join(WORDS), "name a fruit ok"], kind="wordlevel")
+    cfg = load_config(
+        None, [f"output_dir={tmp_path}", "policy.max_new_tokens=3", "trainer.prompts_per_step=4"]
+    )
+    rows = [{"question": "q", "golden_answers": ["apple"], "group_id": f"g/{i}"} for i in range(8)]
+    model = tiny_causal_lm(tok, hidden=32, layers=1, heads=2, seed=1)
+    a = Trainer(cfg, RunParts(copy.deepcopy(model), tok, AppleEnv(), rows, []), tmp_path / "a")
+    b = Trainer(cfg, RunParts(copy.deepcopy(model), tok, AppleEnv(), rows, []), tmp_path / "b")
+    assert a.on_policy
+    b.on_policy = False
+    forests, _, _ = a.rollout()
+    from treegrpo.advantage import compute_advantages
+    from treegrpo.trainer import _attach_advantages
+    from treegrpo.tree import leaf_arrays
+
+    r, g, t = leaf_arrays(forests)
+    per_tree = _attach_advantages(forests, compute_advantages(np.asarray(r) + np.arange(len(r)) * 0.1, g, t))
+    ma = a.train_on(forests, per_tree)
+    mb = b.train_on(forests, per_tree)
+    assert ma is not None and mb is not None
+    assert abs(ma["loss"] - mb["loss"]) < 1e-6
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)

@@ -374,16 +374,19 @@ def packed_loss(
     config: LossConfig | None = None,
     ref_logprobs: Tensor | None = None,
     temperature: float = 1.0,
+    on_policy: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
     """The policy loss of a packed batch (either packing) and its metrics.
 
     `ref_logprobs`: `forward_logprobs(ref_model, batch)[0]` under no_grad when `config.beta != 0`.
+    `on_policy`: the weights have not changed since sampling-time log-probs should have been
+    recomputed, so the old log-probs are this forward's own, detached (ratio = 1, same gradient),
+    which saves the separate no-grad forward.
     """
     config = config or LossConfig()
     lp, ent = forward_logprobs(model, batch, temperature, compute_entropy=True)
     ref = None if ref_logprobs is None else ref_logprobs.to(lp.device)
-    loss, metrics = weighted_policy_loss(
-        lp, batch.old_logprobs.to(lp.device), batch.weights, config, ref, ent
-    )
+    old = lp.detach() if on_policy else batch.old_logprobs.to(lp.device)
+    loss, metrics = weighted_policy_loss(lp, old, batch.weights, config, ref, ent)
     metrics["forward_tokens"] = float(batch.num_forward_tokens)
     return loss, metrics

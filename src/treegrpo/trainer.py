@@ -113,22 +113,23 @@ class _Micro:
 def _split_trees(
     trees: list[Tree], advs: list[np.ndarray], parts: int
 ) -> list[tuple[list[Tree], list[float]]]:
-    """Split whole trees into `parts` micro-batches of similar token counts (never split a tree)."""
+    """Split whole trees into `parts` micro-batches (never splitting a tree).
+
+    Trees are sorted by token count and cut into contiguous runs of equal total size, so each padded
+    micro-batch holds trees of similar length (less padding, and the O(T^2) masks stay small).
+    """
     parts = max(1, min(parts, len(trees)))
-    sizes = [len(t.context_ids(0)) + sum(len(n.all_ids) for n in t.nodes[1:]) for t in trees]
-    order = sorted(range(len(trees)), key=lambda i: -sizes[i])
-    bins: list[list[int]] = [[] for _ in range(parts)]
-    load = [0] * parts
+    sizes = [sum(len(n.all_ids) for n in t.nodes) for t in trees]
+    order = sorted(range(len(trees)), key=lambda i: sizes[i])
+    target = sum(sizes) / parts
+    bins: list[list[int]] = [[]]
+    acc = 0
     for i in order:
-        b = int(np.argmin(load))
-        bins[b].append(i)
-        load[b] += sizes[i]
-    out = []
-    for b in bins:
-        b.sort()
-        if b:
-            out.append(([trees[i] for i in b], [float(a) for i in b for a in advs[i]]))
-    return out
+        if acc >= target * len(bins) and len(bins) < parts:
+            bins.append([])
+        bins[-1].append(i)
+        acc += sizes[i]
+    return [([trees[i] for i in b], [float(a) for i in b for a in advs[i]]) for b in bins if b]
 
 
 def _attach_advantages(forests: list[Forest], adv: np.ndarray) -> list[np.ndarray]:
@@ -187,6 +188,11 @@ class Trainer:
         if self.rollout_cfg.max_context_tokens is None:
             base = self.unwrapped
             self.rollout_cfg.max_context_tokens = int(getattr(base.config, "max_position_embeddings", 4096))
+        # Log-probs are of softmax(logits / T) at the sampling temperature, in sampling and training alike.
+        self.temperature = cfg.policy.temperature if cfg.policy.temperature > 0 else 1.0
+        # One optimizer step per rollout: the weights that sampled are the weights that train, so the
+        # old log-probs are the loss forward's own (detached) and need no extra forward.
+        self.on_policy = tc.ppo_epochs == 1 and self._updates_per_step() == 1
         self.np_rng = np.random.default_rng(cfg.seed)
         self.policy = make_policy(self.unwrapped, parts.tokenizer, cfg, greedy=False, seed=cfg.seed)
         self.greedy = make_policy(self.unwrapped, parts.tokenizer, cfg, greedy=True, seed=cfg.seed)
@@ -260,15 +266,21 @@ class Trainer:
                 pad_id=pad,
             )
             with torch.no_grad():
-                old, _ = forward_logprobs(self.model, batch, compute_entropy=False)
                 ref = None
                 if self.loss_cfg.beta > 0:
                     if self.ref_model is not None:
-                        ref, _ = forward_logprobs(self.ref_model, batch, compute_entropy=False)
+                        ref, _ = forward_logprobs(
+                            self.ref_model, batch, self.temperature, compute_entropy=False
+                        )
                     else:
                         with self.unwrapped.disable_adapter():
-                            ref, _ = forward_logprobs(self.model, batch, compute_entropy=False)
-            micros.append(_Micro(batch.with_old_logprobs(old), ref))
+                            ref, _ = forward_logprobs(
+                                self.model, batch, self.temperature, compute_entropy=False
+                            )
+                if not self.on_policy:  # old log-probs recomputed by the trainer's own model
+                    old, _ = forward_logprobs(self.model, batch, self.temperature, compute_entropy=False)
+                    batch = batch.with_old_logprobs(old)
+            micros.append(_Micro(batch, ref))
         return micros
 
     def train_on(self, forests: list[Forest], per_tree_adv: list[np.ndarray]) -> dict[str, float] | None:
@@ -294,7 +306,14 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics_acc: dict[str, float] = {}
                 for micro in micros:
-                    loss, m = packed_loss(self.model, micro.batch, self.loss_cfg, micro.ref_logprobs)
+                    loss, m = packed_loss(
+                        self.model,
+                        micro.batch,
+                        self.loss_cfg,
+                        micro.ref_logprobs,
+                        temperature=self.temperature,
+                        on_policy=self.on_policy,
+                    )
                     if not torch.isfinite(loss):
                         self.optimizer.zero_grad(set_to_none=True)
                         return None
@@ -331,7 +350,7 @@ class Trainer:
             )
         except ValueError as e:
             adv = None
-            warnings.warn(f"step {self.step + 1}: {e}; skipping the update", stacklevel=2)
+            warnings.warn(f"step {self.step + 1}: {e}; update skipped", stacklevel=2)
         train_metrics = None
         if adv is not None and np.all(np.isfinite(adv)):
             per_tree = _attach_advantages(forests, adv)
@@ -339,10 +358,11 @@ class Trainer:
             train_metrics = self.train_on(forests, per_tree)
         if train_metrics is None:
             self.bad_steps += 1
-            warnings.warn(
-                f"step {self.step + 1}: non-finite reward/advantage/loss/gradient; update skipped",
-                stacklevel=2,
-            )
+            if adv is not None:  # (a non-finite reward was already reported above)
+                warnings.warn(
+                    f"step {self.step + 1}: non-finite advantage/loss/gradient; update skipped",
+                    stacklevel=2,
+                )
             metrics["train/skipped"] = 1.0
         else:
             self.bad_steps = 0
@@ -467,9 +487,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             last = metrics
             if trainer.bad_steps >= tc.max_bad_steps:
                 logger.close()
+                good = latest_checkpoint(run_dir / "checkpoints")
                 raise TrainingDiverged(
                     f"stopped after {trainer.bad_steps} consecutive non-finite steps at step {step}; "
-                    f"the last good checkpoint is in {run_dir / 'checkpoints'}"
+                    + (f"the last good checkpoint is {good}" if good else "no checkpoint was written")
                 )
             # No periodic checkpoint inside a run of skipped steps: with keep_last it would prune the
             # last good checkpoint that TrainingDiverged points the user to.
