@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="greedy exact-match evaluation of a model on the eval split")
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint or model directory (default: the run's latest)")
+    p.add_argument(
+        "--backend", choices=["hf", "vllm", "openai"], help="generation backend (= --set policy.backend=…)"
+    )
+    p.add_argument("--base-url", help="openai backend: the server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", help="openai backend: served model name (default: the first one listed)")
 
     p = sub.add_parser("rollout", help="sample trees and write them as JSON lines")
     _add_config_args(p)
@@ -76,7 +81,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from treegrpo.trainer import evaluate_cli
 
-        cfg = load_config(args.config, args.overrides, args.preset)
+        flags = [("backend", args.backend), ("base_url", args.base_url), ("api_model", args.api_model)]
+        extra = [f"policy.{k}={v}" for k, v in flags if v is not None]
+        cfg = load_config(args.config, [*args.overrides, *extra], args.preset)
         evaluate_cli(cfg, checkpoint=args.checkpoint)
         return 0
     if args.command == "rollout":

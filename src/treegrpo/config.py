@@ -48,10 +48,19 @@ class ModelConfig:
 
 @dataclass
 class PolicyConfig:
-    backend: Literal["hf", "vllm"] = "hf"
+    # hf: in-process transformers; vllm: colocated vLLM engine (GPU, `treegrpo[vllm]`); openai: a served
+    # model behind an OpenAI-compatible completions API (evaluation / rollouts only: training cannot update it).
+    backend: Literal["hf", "vllm", "openai"] = "hf"
     temperature: float = field(default=1.0, metadata={"min": 0.0})
     top_p: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
     max_new_tokens: int = field(default=48, metadata={"min": 1})
+    base_url: str = ""  # openai: http://host:port (or …/v1) of the vLLM / SGLang server
+    api_model: str = ""  # openai: served model name; empty = the first one the server lists
+    request_timeout: float = field(default=120.0, metadata={"min": 0.0})  # openai: seconds per request
+    max_retries: int = field(default=2, metadata={"min": 0})  # openai: retries per request
+    entropy_topk: int = field(default=0, metadata={"min": 0})  # vllm/openai: top-k entropy lower bound; 0 = none
+    vllm_gpu_memory_utilization: float = field(default=0.5, metadata={"min": 0.01, "max": 1.0})
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM(...) engine arguments
 
 
 @dataclass

@@ -47,7 +47,15 @@ def resolve_model_path(path: str, cache_dir: str | Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf)
+        dequantized = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf)
+        # The GGUF-loaded model is flagged as quantized and refuses save_pretrained; its weights are
+        # already de-quantized fp32, so copy them into a plain model built from the same config.
+        config = dequantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(dequantized.state_dict())
+        model.tie_weights()
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -56,16 +56,68 @@ def batch_rows(rows: Sequence[dict[str, Any]], position: int, size: int, seed: i
     return out
 
 
-def make_policy(model: Any, tokenizer: Any, cfg: Config, greedy: bool, seed: int) -> HFPolicy:
-    return HFPolicy(
-        model,
-        tokenizer,
-        temperature=max(cfg.policy.temperature, 1e-6),
-        top_p=cfg.policy.top_p,
-        max_new_tokens=cfg.policy.max_new_tokens,
-        greedy=greedy or cfg.policy.temperature == 0,
-        seed=seed,
+def make_policy(
+    model: Any, tokenizer: Any, cfg: Config, greedy: bool, seed: int, training: bool = True
+) -> Any:
+    """The `policy.backend` policy over `model` (hf, vllm) or over a served copy of it (openai)."""
+    pc = cfg.policy
+    common = dict(
+        top_p=pc.top_p, max_new_tokens=pc.max_new_tokens, greedy=greedy or pc.temperature == 0, seed=seed
     )
+    max_ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if pc.backend == "openai":
+        if training:
+            raise UserError(
+                "policy.backend: 'openai' samples from a separately served model that training cannot "
+                "update; use it with `treegrpo eval`, and hf or vllm to train"
+            )
+        if not pc.base_url:
+            raise UserError("policy.base_url: required when policy.backend is 'openai' (--base-url)")
+        from treegrpo.policies.openai import OpenAIPolicy
+
+        try:
+            return OpenAIPolicy(
+                pc.base_url,
+                tokenizer,
+                model=pc.api_model,
+                temperature=pc.temperature,
+                max_context=int(max_ctx) if max_ctx else None,
+                timeout=pc.request_timeout if pc.request_timeout > 0 else 120.0,
+                max_retries=pc.max_retries,
+                entropy_topk=pc.entropy_topk,
+                **common,
+            )
+        except ValueError as e:
+            raise UserError(f"policy.base_url: {e}") from None
+    if pc.backend == "vllm":
+        import os
+
+        from treegrpo.policies.vllm import VLLMPolicy, import_vllm
+
+        import_vllm()  # fail with the install hint before writing anything
+        path = Path(cfg.model.path) if cfg.model.path else None
+        if path is not None and not path.is_dir():
+            from treegrpo.pretrained import resolve_model_path
+
+            path = resolve_model_path(cfg.model.path, cfg.cache_dir)
+        if path is None:  # the tiny model lives only in memory: vLLM loads from disk, weights synced after
+            path = Path(cfg.cache_dir) / "vllm-init" / f"{cfg.name}-{os.getpid()}"
+            if not (path / "config.json").is_file():
+                model.save_pretrained(path)
+                tokenizer.save_pretrained(path)
+        return VLLMPolicy.for_model(
+            model,
+            path,
+            tokenizer,
+            temperature=pc.temperature,
+            entropy_topk=pc.entropy_topk,
+            max_context=cfg.rollout.max_context_tokens or (int(max_ctx) if max_ctx else None),
+            gpu_memory_utilization=pc.vllm_gpu_memory_utilization,
+            dtype=cfg.model.dtype,
+            engine_kwargs=pc.vllm_kwargs,
+            **common,
+        )
+    return HFPolicy(model, tokenizer, temperature=max(pc.temperature, 1e-6), **common)
 
 
 def group_ids_of(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -537,12 +589,32 @@ def _model_for_cli(cfg: Config, checkpoint: str | None) -> tuple[RunParts, Any]:
 
 
 def evaluate_cli(cfg: Config, checkpoint: str | None = None) -> dict[str, float]:
-    parts, ckpt = _model_for_cli(cfg, checkpoint)
-    if not parts.eval_rows:
+    served = cfg.policy.backend == "openai"
+    if served and checkpoint:
+        raise UserError("--checkpoint: not used with --backend openai (the server holds the weights)")
+    if served and cfg.model.path:
+        # A served model needs only its tokenizer here: do not load billions of weights onto the CPU.
+        from types import SimpleNamespace
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        from treegrpo.build import build_env, build_retriever, load_data
+        from treegrpo.pretrained import resolve_model_path
+
+        task, _, eval_rows = load_data(cfg)
+        path = str(resolve_model_path(cfg.model.path, cfg.cache_dir))
+        tok = AutoTokenizer.from_pretrained(path)
+        model: Any = SimpleNamespace(config=AutoConfig.from_pretrained(path))
+        env, ckpt = build_env(cfg, build_retriever(cfg, task), tok), None
+    else:
+        parts, ckpt = _model_for_cli(cfg, checkpoint)
+        model, tok, env, eval_rows = parts.model, parts.tokenizer, parts.env, parts.eval_rows
+    if not eval_rows:
         raise UserError("data.eval_path: no evaluation rows (set data.eval_path or use a built-in task)")
-    policy = make_policy(parts.model, parts.tokenizer, cfg, greedy=True, seed=cfg.seed)
-    res = evaluate(policy, parts.env, parts.eval_rows)
-    print(f"model: {ckpt or 'warm-start / base model'}")
+    policy = make_policy(model, tok, cfg, greedy=True, seed=cfg.seed, training=False)
+    res = evaluate(policy, env, eval_rows)
+    where = f"{policy.model_name} served at {policy.base_url}" if served else None
+    print(f"model: {where or ckpt or 'warm-start / base model'}")
     for k, v in res.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return res
