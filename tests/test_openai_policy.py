@@ -147,7 +147,7 @@ def model(tok):
 @pytest.fixture
 def server(model, tok) -> Iterator[MimicServer]:
     srv = MimicServer(model, tok)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     t.start()
     yield srv
     srv.shutdown()
@@ -206,6 +206,7 @@ def test_sampling_seeded_and_stop_keeps_whole_token(server, tok):
     assert [s.token_ids for s in a] == [s.token_ids for s in b]
     assert len({tuple(s.token_ids) for s in a}) > 1  # distinct per-row seeds
     stopped = [s for s in a if stop in s.text]
+    assert stopped and server.requests[-1]["stop"] == [stop]
     for s in stopped:
         assert s.text.rstrip().endswith(stop)  # nothing generated after the stop tag
     assert all(len(s.entropies) == len(s.token_ids) for s in a)  # top-1 entropy lower bound
@@ -244,6 +245,8 @@ def test_tree_rollout_through_server(server, tok):
                 assert len(n.token_ids) == len(n.logprobs) > 0
     assert res.budget["trajectories"] == 12
     assert pol.stats["generated_tokens"] == res.budget["generated_tokens"]
+    # no cached_tokens in this server's usage: every context token counts as prefilled
+    assert res.budget["prefill_tokens_reported"] == res.budget["prefill_tokens_no_reuse"]
 
 
 def test_retry_then_ok(server, tok):
@@ -311,7 +314,7 @@ def test_eval_cli_through_server_matches_hf(tiny_config, capsys):
     hf = evaluate_cli(cfg)
     parts = build_run(cfg, log=lambda s: None)  # cached warm start: the same weights the CLI loads
     srv = MimicServer(parts.model, parts.tokenizer, name="tiny-agent")
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     try:
         capsys.readouterr()
         rc = main(["eval", "--config", str(tiny_config), "--backend", "openai", "--base-url", srv.url + "/v1"])
@@ -325,9 +328,11 @@ def test_eval_cli_through_server_matches_hf(tiny_config, capsys):
         srv.shutdown()
         srv.server_close()
     # a dead server: one line, exit 2
-    rc = main(["eval", "--config", str(tiny_config), "--backend", "openai", "--base-url", srv.url])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: generation server") and err.count("\n") == 1
+    dead = ["eval", "--config", str(tiny_config), "--backend", "openai", "--base-url", srv.url]
+    rc = main([*dead, "--set", "policy.max_retries=0"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: transformers' loading bar)
+    assert rc == 2 and last.startswith("error: generation server http://127.0.0.1:")
+    assert "Connection refused" in last
     # openai cannot train
     rc = main(["train", "--config", str(tiny_config), "--set", "policy.backend=openai", "--no-progress"])
     assert rc == 2 and "policy.backend: 'openai'" in capsys.readouterr().err
