@@ -44,7 +44,11 @@ class ScriptEnv:
         for (q, n), _ in zip(states, actions, strict=True):
             last = n + 1 >= 3
             obs = "" if last else "\n<information> the fox jumps over a lazy dog . </information>\n"
-            out.append(StepResult((q, n + 1), obs, last, ActionKind.ANSWER if last else ActionKind.SEARCH, int(not last)))
+            out.append(
+                StepResult(
+                    (q, n + 1), obs, last, ActionKind.ANSWER if last else ActionKind.SEARCH, int(not last)
+                )
+            )
         return out
 
     def reward(self, state):
@@ -72,7 +76,11 @@ def main() -> int:
     import vllm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out: dict = {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    out: dict = {
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     out["gpu"] = torch.cuda.get_device_name(0)
     tmp = Path(tempfile.mkdtemp(prefix="treegrpo-gpu-check-"))
     if args.model:
@@ -93,7 +101,12 @@ def main() -> int:
 
     t0 = time.perf_counter()
     pol = VLLMPolicy.for_model(
-        model, path, tok, max_new_tokens=args.max_new_tokens, seed=0, dtype="bfloat16",
+        model,
+        path,
+        tok,
+        max_new_tokens=args.max_new_tokens,
+        seed=0,
+        dtype="bfloat16",
         gpu_memory_utilization=args.gpu_memory_utilization,
     )
     out["engine_start_seconds"] = round(time.perf_counter() - t0, 2)
@@ -102,7 +115,9 @@ def main() -> int:
     rows = [{"q": f"{i} {TEXT}"} for i in range(args.prompts)]
     cfg = RolloutConfig(strategy="random", m=args.m, n=args.n, l=1)
     t0 = time.perf_counter()
-    res = sample_forests(rows, [str(i) for i in range(len(rows))], pol, ScriptEnv(), cfg, np.random.default_rng(0))
+    res = sample_forests(
+        rows, [str(i) for i in range(len(rows))], pol, ScriptEnv(), cfg, np.random.default_rng(0)
+    )
     dt = time.perf_counter() - t0
     b = res.budget
     ok_shapes = all(

@@ -70,7 +70,9 @@ class MimicServer(ThreadingHTTPServer):
         text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
         stop_reason = next((st for st in body.get("stop") or () if st in text), None)
         if stop_reason is not None:  # vLLM cuts the text at the stop string, keeps every token id
-            cut = text.index(stop_reason) + (len(stop_reason) if body.get("include_stop_str_in_output") else 0)
+            cut = text.index(stop_reason) + (
+                len(stop_reason) if body.get("include_stop_str_in_output") else 0
+            )
             text = text[:cut]
         as_ids = self.send_ids and body.get("return_tokens_as_token_ids")
         tokens = [f"token_id:{t}" if as_ids else self.tokenizer.decode([t]) for t in s.token_ids]
@@ -87,7 +89,9 @@ class MimicServer(ThreadingHTTPServer):
                         "token_logprobs": s.logprobs,
                         "top_logprobs": [{tok: lp} for tok, lp in zip(tokens, s.logprobs, strict=True)],
                     },
-                    "finish_reason": "stop" if stop_reason or len(s.token_ids) < body["max_tokens"] else "length",
+                    "finish_reason": "stop"
+                    if stop_reason or len(s.token_ids) < body["max_tokens"]
+                    else "length",
                     "stop_reason": stop_reason,
                 }
             ],
@@ -180,7 +184,10 @@ def test_served_greedy_equals_in_process(server, model, tok):
     assert isinstance(pol, Policy)
     assert pol.model_name == "tiny"  # picked from /v1/models
     ref = HFPolicy(model, tok, greedy=True, max_new_tokens=12, stop_strings=())
-    ctxs = [pol.encode_prompt([{"role": "user", "content": "who founded the company ?"}]), ids(tok, "the fox")]
+    ctxs = [
+        pol.encode_prompt([{"role": "user", "content": "who founded the company ?"}]),
+        ids(tok, "the fox"),
+    ]
     got, want = pol.generate(ctxs), ref.generate(ctxs)
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids and len(g.token_ids) == 12
@@ -317,11 +324,16 @@ def test_eval_cli_through_server_matches_hf(tiny_config, capsys):
     threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
     try:
         capsys.readouterr()
-        rc = main(["eval", "--config", str(tiny_config), "--backend", "openai", "--base-url", srv.url + "/v1"])
+        rc = main(
+            ["eval", "--config", str(tiny_config), "--backend", "openai", "--base-url", srv.url + "/v1"]
+        )
         out = capsys.readouterr().out
         assert rc == 0, out
         assert "tiny-agent served at" in out
-        got = {k: float(v) for k, v in (line.split(": ") for line in out.splitlines() if line.startswith("eval/"))}
+        got = {
+            k: float(v)
+            for k, v in (line.split(": ") for line in out.splitlines() if line.startswith("eval/"))
+        }
         assert got == pytest.approx(hf, abs=1e-4)
         assert len(srv.requests) >= cfg.data.eval_size
     finally:
@@ -336,4 +348,3 @@ def test_eval_cli_through_server_matches_hf(tiny_config, capsys):
     # openai cannot train
     rc = main(["train", "--config", str(tiny_config), "--set", "policy.backend=openai", "--no-progress"])
     assert rc == 2 and "policy.backend: 'openai'" in capsys.readouterr().err
-

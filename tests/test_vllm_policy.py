@@ -82,7 +82,9 @@ def test_engine_weights_merge_lora_without_touching_the_model(tok):
     assert not torch.equal(w[q], before[f"base_model.model.{q.replace('.weight', '.base_layer.weight')}"])
     assert all(torch.equal(v, before[k]) for k, v in p.state_dict().items())  # nothing merged in place
     p.base_model.disable_adapter_layers()  # disabled adapters push the plain base weights
-    torch.testing.assert_close(dict(engine_weights(p))[q], before[f"base_model.model.{q[:-7]}.base_layer.weight"])
+    torch.testing.assert_close(
+        dict(engine_weights(p))[q], before[f"base_model.model.{q[:-7]}.base_layer.weight"]
+    )
 
 
 class _Recorder:
@@ -102,7 +104,9 @@ def test_push_weights_routes(tok):
     llm = SimpleNamespace(
         llm_engine=SimpleNamespace(
             model_executor=SimpleNamespace(
-                driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=SimpleNamespace(model=target)))
+                driver_worker=SimpleNamespace(
+                    worker=SimpleNamespace(model_runner=SimpleNamespace(model=target))
+                )
             )
         ),
     )
@@ -114,7 +118,9 @@ def test_push_weights_routes(tok):
     target0 = _Recorder()
     llm0 = SimpleNamespace(
         llm_engine=SimpleNamespace(
-            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=target0)))
+            model_executor=SimpleNamespace(
+                driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=target0))
+            )
         )
     )
     push_weights(llm0, weights)
@@ -193,7 +199,9 @@ def test_tree_rollout_and_prefix_cache(engine_setup, tok):
     pol = VLLMPolicy.for_model(model, "", tok, max_new_tokens=6, seed=1)
     assert pol.engine is greedy.engine  # one engine per live model
     rows = [{"q": WORDS}, {"q": "where is the city ? " + WORDS}]
-    res = sample_forests(rows, ["a", "b"], pol, _Env(), RolloutConfig(m=2, n=2, l=1), np.random.default_rng(0))
+    res = sample_forests(
+        rows, ["a", "b"], pol, _Env(), RolloutConfig(m=2, n=2, l=1), np.random.default_rng(0)
+    )
     assert res.budget["trajectories"] == 12
     for f in res.forests:
         for t in f.trees:

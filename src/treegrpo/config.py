@@ -58,7 +58,8 @@ class PolicyConfig:
     api_model: str = ""  # openai: served model name; empty = the first one the server lists
     request_timeout: float = field(default=120.0, metadata={"min": 0.0})  # openai: seconds per request
     max_retries: int = field(default=2, metadata={"min": 0})  # openai: retries per request
-    entropy_topk: int = field(default=0, metadata={"min": 0})  # vllm/openai: top-k entropy lower bound; 0 = none
+    # vllm/openai: >0 = report the entropy of the top-k log-probs (a lower bound); 0 = no entropies
+    entropy_topk: int = field(default=0, metadata={"min": 0})
     vllm_gpu_memory_utilization: float = field(default=0.5, metadata={"min": 0.01, "max": 1.0})
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM(...) engine arguments
 

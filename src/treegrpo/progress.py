@@ -20,7 +20,8 @@ from rich.progress import (
 class RunProgress:
     """Warm-start and training bars with live reward / EM / token counts (plain log lines if disabled)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, quiet: bool = False) -> None:
+        self.quiet = quiet  # non-main processes of a multi-process run print nothing
         self.console = Console(stderr=True)
         self.enabled = enabled and self.console.is_terminal
         self.progress: Progress | None = None
@@ -48,6 +49,8 @@ class RunProgress:
             self.progress.__exit__(*exc)
 
     def log(self, msg: str) -> None:
+        if self.quiet:
+            return
         if self.progress is not None:
             self.progress.console.log(msg)
         else:
@@ -59,7 +62,7 @@ class RunProgress:
                 if self._sft_task is None:
                     self._sft_task = self.progress.add_task("warm start (SFT)", total=total, info="")
                 self.progress.update(self._sft_task, completed=step, info=f"loss {loss:.3f}")
-            elif step == total or step % 50 == 0:
+            elif not self.quiet and (step == total or step % 50 == 0):
                 print(f"warm start: step {step}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)
 
         return on_step
@@ -69,6 +72,8 @@ class RunProgress:
             self._train_task = self.progress.add_task("Tree-GRPO", total=total, completed=done, info="")
 
     def update(self, step: int, m: dict[str, Any]) -> None:
+        if self.quiet:
+            return
         if m.get("eval/em") is not None:
             self._eval_em = float(m["eval/em"])
         em = f" eval EM {self._eval_em:.3f}" if self._eval_em is not None else ""

@@ -8,6 +8,7 @@ resumed run reproduces the uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -207,6 +208,14 @@ class Trainer:
         self.run_dir = run_dir
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         tc = cfg.trainer
+        # Multi-process (accelerate launch): each process samples and trains its own whole forests;
+        # DDP averages gradients, and losses are normalized by global token/sequence counts.
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        if tc.prompts_per_step % self.world:
+            raise UserError(
+                f"trainer.prompts_per_step: {tc.prompts_per_step} is not divisible by the {self.world} processes"
+            )
         self.model = parts.model
         self.ref_model = reference_model(self.model) if tc.beta > 0 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -265,7 +274,15 @@ class Trainer:
         return per_epoch * tc.ppo_epochs
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Process 0 writes the checkpoint (weights are identical on every process); all wait for it."""
+        path = None
+        if self.accelerator.is_main_process:
+            path = self._save()
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _save(self) -> Path:
         return save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
@@ -290,20 +307,21 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------
     def _seed_step(self) -> None:
-        s = step_seed(self.cfg.seed, self.step)
+        s = step_seed(self.cfg.seed, self.step) + 7_777 * self.rank
         torch.manual_seed(s)
         self.policy.generator.manual_seed(s)
 
     def rollout(self) -> tuple[list[Forest], dict[str, Any], list[dict[str, Any]]]:
         tc = self.cfg.trainer
         rows = batch_rows(self.parts.train_rows, self.data_position, tc.prompts_per_step, self.cfg.seed)
-        rng = np.random.default_rng([self.cfg.seed, self.step, 7])
+        rows = rows[self.rank :: self.world]  # whole prompts per process: a forest is never split
+        rng = np.random.default_rng([self.cfg.seed, self.step, 7, self.rank])
         result = sample_forests(rows, group_ids_of(rows), self.policy, self.parts.env, self.rollout_cfg, rng)
         return result.forests, result.budget, rows
 
     def _micro_batches(self, trees: list[Tree], advs: list[np.ndarray]) -> list[_Micro]:
         tc = self.cfg.trainer
-        n_tok, n_seq = loss_token_totals(trees)
+        n_tok, n_seq = self._global_sum(loss_token_totals(trees))
         pad = self.parts.tokenizer.pad_token_id or 0
         micros: list[_Micro] = []
         for sub_trees, sub_adv in _split_trees(trees, advs, tc.gradient_accumulation_steps):
@@ -357,7 +375,7 @@ class Trainer:
             for micros in prepared:
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics_acc: dict[str, float] = {}
-                for micro in micros:
+                for i, micro in enumerate(micros):
                     loss, m = packed_loss(
                         self.model,
                         micro.batch,
@@ -366,15 +384,24 @@ class Trainer:
                         temperature=self.temperature,
                         on_policy=self.on_policy,
                     )
-                    if not torch.isfinite(loss):
+                    if not self._all_finite(loss):
                         self.optimizer.zero_grad(set_to_none=True)
                         return None
-                    self.accelerator.backward(loss)
+                    # DDP averages gradients over processes; the loss is already normalized by global
+                    # counts, so scale by the world size to get the sum. Sync only on the last micro-batch.
+                    last = i == len(micros) - 1
+                    sync = (
+                        contextlib.nullcontext()
+                        if last or self.world == 1
+                        else self.accelerator.no_sync(self.model)
+                    )
+                    with sync:
+                        self.accelerator.backward(loss * self.world)
                     for key, v in m.items():
                         metrics_acc[key] = metrics_acc.get(key, 0.0) + float(v)
                     metrics_acc["loss"] = metrics_acc.get("loss", 0.0) + float(loss.detach())
                 params = [p for p in self.model.parameters() if p.requires_grad]
-                grad_norm = torch.nn.utils.clip_grad_norm_(
+                grad_norm = self.accelerator.clip_grad_norm_(
                     params, tc.max_grad_norm if tc.max_grad_norm > 0 else 1e30
                 )
                 if not torch.isfinite(grad_norm):
@@ -387,6 +414,28 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + v
                 count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _global_sum(self, values: Sequence[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Every process must agree to skip, or the others would wait forever in the gradient all-reduce."""
+        ok = float(bool(torch.isfinite(loss.detach())))
+        return self._global_sum([ok])[0] == self.world
+
+    def _reduce_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Budgets add up over processes; rates and losses are averaged (equal prompts per process)."""
+        if self.world == 1:
+            return metrics
+        keys = sorted(k for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool))
+        sums = self._global_sum([float(metrics[k]) for k in keys])
+        for k, v in zip(keys, sums, strict=True):
+            additive = k.startswith("budget/") and not k.startswith("budget/cum_") or k == "tools/failures"
+            metrics[k] = v if additive else v / self.world
+        return metrics
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -441,6 +490,11 @@ class Trainer:
                 "lr": float(self.scheduler.get_last_lr()[0]),
             }
         )
+        budget = {k: v for k, v in budget.items() if isinstance(v, int | float)}
+        if self.world > 1:
+            keys = sorted(budget)
+            budget = dict(zip(keys, self._global_sum([budget[k] for k in keys]), strict=True))
+        metrics = self._reduce_metrics(metrics)
         for key in (
             "generated_tokens",
             "prefill_tokens",
@@ -494,32 +548,38 @@ def load_weights(model: Any, ckpt: Path) -> None:
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run `cfg` end to end; returns the final summary (also printed and saved as summary.json)."""
+    from accelerate import PartialState
     from transformers.utils import logging as hf_logging
 
     from treegrpo.progress import RunProgress
 
     hf_logging.disable_progress_bar()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main = state.is_main_process  # under `accelerate launch` only process 0 logs, evaluates and saves
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.glob("checkpoints/step-*")) and not resume:
         raise UserError(f"{run_dir}: a run with checkpoints exists; pass --resume or choose another name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    ui = RunProgress(enabled=progress)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    ui = RunProgress(enabled=progress and main, quiet=not main)
     with ui:
-        parts = build_run(cfg, log=ui.log, on_sft_step=ui.sft_callback())
+        with state.main_process_first():  # process 0 builds the warm-start cache, the others load it
+            parts = build_run(cfg, log=ui.log, on_sft_step=ui.sft_callback())
         trainer = Trainer(cfg, parts, run_dir)
         resumed = trainer.resume() if resume else False
         if resumed:
             ui.log(f"resumed from step {trainer.step}")
-        logger = MetricsLogger(run_dir, resume_from_step=trainer.step if resumed else None)
+        logger = _Logger(run_dir, trainer.step if resumed else None, enabled=main)
         tc = cfg.trainer
         history: dict[str, Any] = {"warmstart": parts.warmstart}
         start_eval = None
-        if tc.eval_every and parts.eval_rows and not resumed:
+        if tc.eval_every and parts.eval_rows and not resumed and main:
             ui.log(f"evaluating the starting model on {len(parts.eval_rows)} held-out questions")
             start_eval = evaluate(trainer.greedy, parts.env, parts.eval_rows)
             logger.log(0, {**start_eval, "budget/cum_generated_tokens": 0.0})
             ui.log(f"start: eval EM {start_eval['eval/em']:.3f}")
+        state.wait_for_everyone()
         t_start = time.perf_counter()
         ui.start_training(tc.steps, trainer.step)
         last: dict[str, Any] = {}
@@ -527,9 +587,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             metrics = trainer.train_step()
             forests = metrics.pop("_forests")
             step = trainer.step
-            if tc.eval_every and parts.eval_rows and (step % tc.eval_every == 0 or step == tc.steps):
+            if main and tc.eval_every and parts.eval_rows and (step % tc.eval_every == 0 or step == tc.steps):
                 metrics.update(evaluate(trainer.greedy, parts.env, parts.eval_rows))
-            if tc.save_trees_every and (step % tc.save_trees_every == 0 or step == 1):
+            state.wait_for_everyone()
+            if main and tc.save_trees_every and (step % tc.save_trees_every == 0 or step == 1):
                 (run_dir / "trees").mkdir(exist_ok=True)
                 write_jsonl(
                     [t for f in forests for t in f.trees], run_dir / "trees" / f"step-{step:06d}.jsonl"
@@ -567,9 +628,25 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             if k in ("cached", "seconds", "params")
         },
     }
-    _write_summary(run_dir, summary)
-    ui.summary(summary)
+    if main:
+        _write_summary(run_dir, summary)
+        ui.summary(summary)
     return summary
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard on the main process; a no-op on the others."""
+
+    def __init__(self, run_dir: Path, resume_from_step: int | None, enabled: bool) -> None:
+        self._log = MetricsLogger(run_dir, resume_from_step=resume_from_step) if enabled else None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._log is not None:
+            self._log.log(step, metrics)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

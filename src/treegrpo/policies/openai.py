@@ -200,7 +200,9 @@ class OpenAIPolicy:
                 raise ValueError(f"context {i} is empty")
             bad = [t for t in ctx if not 0 <= int(t) < self.vocab_size]
             if bad:
-                raise ValueError(f"context {i} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+                raise ValueError(
+                    f"context {i} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+                )
             if len(ctx) >= self.max_context:
                 out[i] = StepSample(token_ids=[], logprobs=[], text="", entropies=[], prefill_tokens=0)
             else:
@@ -343,7 +345,9 @@ class OpenAIPolicy:
         prefill = len(ctx) - int(cached) if isinstance(cached, int) else len(ctx)
         self.stats["prefill_tokens"] += prefill
         self.stats["generated_tokens"] += len(ids)
-        return StepSample(token_ids=ids, logprobs=logprobs, text=text, entropies=entropies, prefill_tokens=prefill)
+        return StepSample(
+            token_ids=ids, logprobs=logprobs, text=text, entropies=entropies, prefill_tokens=prefill
+        )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -40,7 +40,9 @@ from treegrpo.errors import UserError
 from treegrpo.policies.openai import DEFAULT_STOP, SeedBox, encode_chat, topk_entropy
 from treegrpo.protocols import Prompt, StepSample
 
-INSTALL_HINT = "policy.backend: vllm needs the optional extra: pip install 'treegrpo[vllm]' (a CUDA GPU machine)"
+INSTALL_HINT = (
+    "policy.backend: vllm needs the optional extra: pip install 'treegrpo[vllm]' (a CUDA GPU machine)"
+)
 
 
 class VLLMUnavailable(UserError):
@@ -199,7 +201,9 @@ class VLLMPolicy:
         self.generator = SeedBox(seed)
         self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "calls": 0}
         if _engine is None:
-            _engine = self._build_engine(str(model_path), max_context, gpu_memory_utilization, dtype, engine_kwargs)
+            _engine = self._build_engine(
+                str(model_path), max_context, gpu_memory_utilization, dtype, engine_kwargs
+            )
         self.engine = _engine
         cfg_len = getattr(getattr(self.engine.llm, "llm_engine", None), "model_config", None)
         self.max_context = int(max_context or getattr(cfg_len, "max_model_len", 0) or 1 << 30)
@@ -313,7 +317,10 @@ class VLLMPolicy:
         seeds = self.generator.request_seeds(len(contexts))
         if work:
             prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in contexts[i]]) for i in work]
-            params = [self._params(seeds[i], min(self.max_new_tokens, self.max_context - len(contexts[i]))) for i in work]
+            params = [
+                self._params(seeds[i], min(self.max_new_tokens, self.max_context - len(contexts[i])))
+                for i in work
+            ]
             results = self.engine.llm.generate(prompts, params, use_tqdm=False)
             for i, res in zip(work, results, strict=True):
                 out[i] = self._sample(res, len(contexts[i]))
