@@ -270,7 +270,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.grid(alpha=0.3)
             if row == 0:
                 ax.set_title(gname, fontsize=10)
-                ax.legend(fontsize=8)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=8)
     fig.suptitle("EM vs budget: mean over seeds, band = min..max", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
