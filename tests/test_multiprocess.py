@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_trainer_learns import WORDS, AppleEnv  # noqa: E402
 from treegrpo.advantage import compute_advantages
 from treegrpo.build import RunParts
 from treegrpo.config import load_config
@@ -22,8 +23,6 @@ from treegrpo.models import tiny_causal_lm
 from treegrpo.tokenizer import train_tokenizer
 from treegrpo.trainer import Trainer, _attach_advantages
 from treegrpo.tree import leaf_arrays
-
-from test_trainer_learns import WORDS, AppleEnv  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
