@@ -157,12 +157,14 @@ def train_one(
         rewards.append(float(m["train/reward_mean"]))
         gen = trainer.totals.get("generated_tokens", 0.0)
         done = gen >= budget
-        if marks and (gen >= marks[0] or done):
+        if marks and gen >= marks[0]:
+            em = evaluate(trainer.greedy, parts.env, eval_rows)["eval/em"]
+            point = _point(trainer.step, trainer.totals, em, float(np.mean(rewards[-5:])))
+            # One point per budget mark crossed (a big step may cross several), so every run's curve
+            # has checkpoints + 1 points and curves line up index by index across seeds.
             while marks and gen >= marks[0]:
                 marks.pop(0)
-            em = evaluate(trainer.greedy, parts.env, eval_rows)["eval/em"]
-            recent = float(np.mean(rewards[-5:]))
-            curve.append(_point(trainer.step, trainer.totals, em, recent))
+                curve.append(dict(point))
         if done:
             break
     if curve[-1]["step"] != trainer.step:  # hit max_steps before the budget: still end on an eval

@@ -65,6 +65,8 @@ def test_learning_quick_equal_budget_runs_make_curves_summary_and_plot(
         curve = r["curve"]
         assert curve[0]["step"] == 0 and curve[0]["generated_tokens"] == 0 and curve[0]["eval_em"] == start
         assert r["reached_budget"] and curve[-1]["generated_tokens"] >= budget
+        assert len(curve) == 1 + 2  # the start + one point per checkpoint, even when a step crosses two
+        assert curve[1]["generated_tokens"] >= budget / 2
         assert curve[-1]["step"] == r["steps"] and r["final_em"] == curve[-1]["eval_em"]
         for count in learning.COUNTS:  # every budget count grows along the curve
             xs = [p[count] for p in curve]

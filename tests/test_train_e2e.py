@@ -50,12 +50,17 @@ def test_train_writes_a_complete_run_directory(tiny_config: Path, capsys):
             assert r[key] is not None and math.isfinite(r[key]), (key, r[key])
         # (2,2,1) on 4 prompts: 6 leaves per prompt
         assert r["budget/trajectories"] == 24
+        # supervision granularity is logged every step: every branch point sits at some depth
+        hist = {k: v for k, v in r.items() if k.startswith("granularity/branch_depth_hist/")}
+        assert hist and sum(hist.values()) == r["granularity/branch_points"] > 0
     assert "eval/em" in rows[0] and "eval/em" in rows[2]
     # checkpoints load with plain from_pretrained
     ckpts = sorted((run / "checkpoints").glob("step-*"))
     assert [p.name for p in ckpts] == ["step-000002", "step-000003"]
     model = AutoModelForCausalLM.from_pretrained(ckpts[-1])
     assert model.config.model_type == "llama"
+    summary = json.loads((run / "summary.json").read_text())
+    assert any(k.startswith("granularity/run/signal_share/") for k in summary)
     tree = json.loads((run / "trees" / "step-000003.jsonl").read_text().splitlines()[0])
     assert tree["meta"]["advantages"]
 

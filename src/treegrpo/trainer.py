@@ -629,6 +629,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         },
     }
     if main:
+        from treegrpo.granularity import summarize_run
+        from treegrpo.run_log import read_metrics
+
+        shares = summarize_run(read_metrics(run_dir))
+        summary.update(
+            {k: v for k, v in shares.items() if "signal_share" in k or k.endswith("mean_branch_depth")}
+        )
         _write_summary(run_dir, summary)
         ui.summary(summary)
     return summary
