@@ -85,3 +85,18 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config: Path, tmp_path: Pa
     for step in (3, 4):
         for k in keys:
             assert part[step][k] == full[step][k], (step, k, part[step][k], full[step][k])
+
+
+def test_rollout_and_eval_commands(tiny_config: Path, tmp_path: Path, capsys):
+    from treegrpo.tree import read_jsonl
+
+    out = tmp_path / "trees.jsonl"
+    assert main(["rollout", "--config", str(tiny_config), "--out", str(out), "--prompts", "3"]) == 0
+    trees = list(read_jsonl(out))
+    assert len(trees) == 6  # 3 prompts x m=2 trees
+    assert all(len(t.leaves()) == 3 for t in trees)  # 1 + n*l leaves per tree
+    assert all(t.meta["advantages"] for t in trees)
+    capsys.readouterr()
+    assert main(["eval", "--config", str(tiny_config)]) == 0
+    printed = capsys.readouterr().out
+    assert "eval/em:" in printed and "eval/n: 8" in printed.replace("8.0000", "8")

@@ -707,7 +707,7 @@ def evaluate_cli(cfg: Config, checkpoint: str | None = None) -> dict[str, float]
 def rollout_cli(cfg: Config, out: str, num_prompts: int, checkpoint: str | None = None) -> None:
     parts, _ = _model_for_cli(cfg, checkpoint)
     rows = batch_rows(parts.train_rows, 0, num_prompts, cfg.seed)
-    policy = make_policy(parts.model, parts.tokenizer, cfg, greedy=False, seed=cfg.seed)
+    policy = make_policy(parts.model, parts.tokenizer, cfg, greedy=False, seed=cfg.seed, training=False)
     rcfg = cfg.rollout
     if rcfg.max_context_tokens is None:
         rcfg.max_context_tokens = int(getattr(parts.model.config, "max_position_embeddings", 4096))
