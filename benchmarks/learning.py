@@ -267,6 +267,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 mean = ys.mean(axis=0)
                 (line,) = ax.plot(xs, mean, marker="o", ms=3, label=f"{arm} (n={len(rs)})")
                 ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.15)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
             ax.set_xlabel(count.replace("_", " "))
             ax.set_ylabel("held-out greedy EM")
             ax.grid(alpha=0.3)
@@ -381,7 +382,13 @@ def _run(
             for k in ("model", "policy", "env", "data", "trainer", "advantage", "rollout")
         },
         "torch_threads": torch.get_num_threads(),
+        "notes": [],
     }
+    if base.rollout.l == 1 and {"tree(2,2,1)", "tree(2,2,1) depth_stratified"} <= set(arms):
+        setup["notes"].append(
+            "with l=1 each tree is one chain when its points are drawn (one candidate per depth), so "
+            "depth_stratified draws exactly like random: the two arms coincide; they differ only for l>1"
+        )
     result: dict[str, Any] = {"setup": setup, "partial": True, "runs": [], "summary": {}}
     # Main pair first (all seeds), then the budget ablation pair, then the strategy ablation.
     order = [(a, s) for group in _run_order(arms) for s in seeds for a in group]
