@@ -12,8 +12,9 @@ $(BIN)/.installed: pyproject.toml scripts/install.sh
 
 install: $(BIN)/.installed
 
+# Each demo gets its own run directory, so running it twice never collides with (or loses) a run.
 demo: install
-	$(BIN)/treegrpo train
+	$(BIN)/treegrpo train --set name=quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(BIN)/python -m pytest
