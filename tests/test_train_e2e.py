@@ -100,3 +100,27 @@ def test_rollout_and_eval_commands(tiny_config: Path, tmp_path: Path, capsys):
     assert main(["eval", "--config", str(tiny_config)]) == 0
     printed = capsys.readouterr().out
     assert "eval/em:" in printed and "eval/n: 8" in printed.replace("8.0000", "8")
+
+
+def test_pretrained_model_with_lora_and_warm_start(tiny_config: Path, tmp_path: Path):
+    """model.path + LoRA: the adapter is warm-started by SFT on the task's demonstrations, then RL runs."""
+    from treegrpo.models import tiny_causal_lm
+    from treegrpo.tasks import build_task
+    from treegrpo.tokenizer import train_tokenizer
+
+    task = build_task("synthetic-kb", seed=0, n_entities=40, max_hops=2)
+    texts = [f"{d['title']} {d['text']}" for d in task.corpus] + [r["question"] for r in task.train_rows]
+    texts += [s for d in task.demonstrations(n=64) for s in d.steps]
+    tok = train_tokenizer(texts + ["Answer the question search information"], kind="wordlevel")
+    path = tmp_path / "pretrained"
+    tiny_causal_lm(tok, hidden=32, layers=1, heads=2).save_pretrained(path)
+    tok.save_pretrained(path)
+    args = ["train", "--config", str(tiny_config), "--no-progress", "--set", f"model.path={path}"]
+    args += ["--set", "model.lora=true", "--set", "model.lora_r=4", "--set", "warmstart.enabled=true"]
+    args += ["--set", "warmstart.num_demos=8", "--set", "warmstart.epochs=2", "--set", "trainer.steps=1"]
+    assert main([*args, "--set", "name=pre"]) == 0
+    runs = Path(yaml.safe_load(tiny_config.read_text())["output_dir"])
+    summary = json.loads((runs / "pre" / "summary.json").read_text())
+    assert summary["steps"] == 1
+    assert summary["warmstart_cached"] is False and summary["warmstart_seconds"] > 0  # the SFT ran
+    assert (runs / "pre" / "checkpoints" / "step-000001" / "adapter_model.safetensors").is_file()

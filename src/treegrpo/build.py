@@ -249,6 +249,26 @@ def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any 
     if cfg.model.path:
         model, tok = load_pretrained(cfg)
         info: dict[str, Any] = {}
+        ws = cfg.warmstart
+        if ws.enabled and ws.num_demos > 0 and ws.epochs > 0 and task is not None:
+            # SFT of the pretrained model (its LoRA adapter, when enabled) on the task's oracle
+            # demonstrations, so it learns the tag protocol before RL. Not cached: it is cheap next to RL.
+            from treegrpo.sft import warm_start
+
+            demos = task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed)
+            log(f"warm start: SFT of {cfg.model.path} on {len(demos)} demonstrations ({ws.epochs} epochs)")
+            stats = warm_start(
+                model,
+                tok,
+                build_env(cfg, retriever, tok),
+                demos,
+                epochs=ws.epochs,
+                lr=ws.lr,
+                batch_size=ws.batch_size,
+                seed=cfg.seed,
+                on_step=on_sft_step,
+            )
+            info = {"cached": False, "sft": stats.to_dict(), "seconds": stats.seconds}
     else:
         if task is None:
             raise _fail(
