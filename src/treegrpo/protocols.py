@@ -28,6 +28,33 @@ class StepSample:
     prefill_tokens: int = 0  # context tokens this backend actually ran a forward over for this step
 
 
+def triage_contexts(
+    contexts: Sequence[Sequence[int]], max_context: int, vocab_size: int | None = None
+) -> tuple[list[StepSample | None], list[int]]:
+    """The checks every backend's `generate` makes before sampling, in one place.
+
+    Empty contexts and (when `vocab_size` is given) ids outside the vocabulary raise ValueError; a
+    context that already fills `max_context` gets an empty step (the sampler ends that branch).
+    Returns the output slots (pre-filled for full contexts) and the indices still to generate.
+    """
+    out: list[StepSample | None] = [None] * len(contexts)
+    work: list[int] = []
+    for i, ctx in enumerate(contexts):
+        if len(ctx) == 0:
+            raise ValueError(f"context {i} is empty")
+        if vocab_size is not None:
+            bad = [t for t in ctx if not 0 <= int(t) < vocab_size]
+            if bad:
+                raise ValueError(
+                    f"context {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}"
+                )
+        if len(ctx) >= max_context:
+            out[i] = StepSample(token_ids=[], logprobs=[], text="", entropies=[], prefill_tokens=0)
+        else:
+            work.append(i)
+    return out, work
+
+
 @runtime_checkable
 class Policy(Protocol):
     """Samples agent steps. One `generate` call = one batched policy call for all active branches."""

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from transformers.cache_utils import DynamicLayer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from treegrpo.protocols import Prompt, StepSample
+from treegrpo.protocols import Prompt, StepSample, triage_contexts
 
 DEFAULT_STOP = ("</search>", "</answer>")
 SMALL_MODEL_PARAMS = 20_000_000  # below this, CPU generation runs single-threaded unless told otherwise
@@ -265,19 +265,7 @@ class HFPolicy:
     def generate(self, contexts: Sequence[Sequence[int]]) -> list[StepSample]:
         """Continue every context by one step; stops at a stop string, EOS, max_new_tokens or max_context."""
         self._check_weights()
-        out: list[StepSample | None] = [None] * len(contexts)
-        work: list[int] = []
-        vocab = self._vocab_size()
-        for i, ctx in enumerate(contexts):
-            if len(ctx) == 0:
-                raise ValueError(f"context {i} is empty")
-            bad = [t for t in ctx if not 0 <= int(t) < vocab]
-            if bad:
-                raise ValueError(f"context {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-            if len(ctx) >= self.max_context:
-                out[i] = StepSample(token_ids=[], logprobs=[], text="", entropies=[], prefill_tokens=0)
-            else:
-                work.append(i)
+        out, work = triage_contexts(contexts, self.max_context, self._vocab_size())
         bs = self.batch_size or max(len(work), 1)
         was_training = self.model.training
         threads = torch.get_num_threads()

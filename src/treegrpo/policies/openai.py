@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from treegrpo.errors import UserError
-from treegrpo.protocols import Prompt, StepSample
+from treegrpo.protocols import Prompt, StepSample, triage_contexts
 
 DEFAULT_STOP = ("</search>", "</answer>")
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
@@ -193,20 +193,7 @@ class OpenAIPolicy:
 
     def generate(self, contexts: Sequence[Sequence[int]]) -> list[StepSample]:
         """One completion request per context (sent concurrently); stops at a stop tag, EOS or the budget."""
-        out: list[StepSample | None] = [None] * len(contexts)
-        work: list[int] = []
-        for i, ctx in enumerate(contexts):
-            if len(ctx) == 0:
-                raise ValueError(f"context {i} is empty")
-            bad = [t for t in ctx if not 0 <= int(t) < self.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"context {i} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
-                )
-            if len(ctx) >= self.max_context:
-                out[i] = StepSample(token_ids=[], logprobs=[], text="", entropies=[], prefill_tokens=0)
-            else:
-                work.append(i)
+        out, work = triage_contexts(contexts, self.max_context, self.vocab_size)
         seeds = self.generator.request_seeds(len(contexts))
         if work:
             jobs = [([int(t) for t in contexts[i]], seeds[i]) for i in work]

@@ -38,7 +38,7 @@ import torch
 
 from treegrpo.errors import UserError
 from treegrpo.policies.openai import DEFAULT_STOP, SeedBox, encode_chat, topk_entropy
-from treegrpo.protocols import Prompt, StepSample
+from treegrpo.protocols import Prompt, StepSample, triage_contexts
 
 INSTALL_HINT = (
     "policy.backend: vllm needs the optional extra: pip install 'treegrpo[vllm]' (a CUDA GPU machine)"
@@ -305,15 +305,7 @@ class VLLMPolicy:
         self._maybe_sync()
         from vllm.inputs import TokensPrompt
 
-        out: list[StepSample | None] = [None] * len(contexts)
-        work: list[int] = []
-        for i, ctx in enumerate(contexts):
-            if len(ctx) == 0:
-                raise ValueError(f"context {i} is empty")
-            if len(ctx) >= self.max_context:
-                out[i] = StepSample(token_ids=[], logprobs=[], text="", entropies=[], prefill_tokens=0)
-            else:
-                work.append(i)
+        out, work = triage_contexts(contexts, self.max_context)
         seeds = self.generator.request_seeds(len(contexts))
         if work:
             prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in contexts[i]]) for i in work]
