@@ -38,10 +38,6 @@ class RunParts:
     warmstart: dict[str, Any] = field(default_factory=dict)
 
 
-def _fail(msg: str) -> UserError:
-    return UserError(msg)
-
-
 def load_data(cfg: Config) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     """(task or None, train rows, eval rows) from a dataset path or a built-in task."""
     from treegrpo.data import load_rows
@@ -55,9 +51,9 @@ def load_data(cfg: Config) -> tuple[Any, list[dict[str, Any]], list[dict[str, An
     try:
         task = build_task(cfg.data.task, **cfg.data.task_kwargs)
     except ImportError as e:
-        raise _fail(f"data.task: {cfg.data.task} needs a package that is not installed ({e})") from None
+        raise UserError(f"data.task: {cfg.data.task} needs a package that is not installed ({e})") from None
     except ValueError as e:
-        raise _fail(f"data.task: {e}") from None
+        raise UserError(f"data.task: {e}") from None
     evals = task.eval_rows
     if cfg.data.eval_path:
         evals = load_rows(cfg.data.eval_path)
@@ -70,24 +66,26 @@ def build_retriever(cfg: Config, task: Any) -> Any:
         from treegrpo.retrievers import HTTPRetriever, RetrieverError
 
         if rc.timeout <= 0:
-            raise _fail(f"env.retriever.timeout: must be > 0 seconds for an http retriever, got {rc.timeout}")
+            raise UserError(
+                f"env.retriever.timeout: must be > 0 seconds for an http retriever, got {rc.timeout}"
+            )
         try:
             retriever = HTTPRetriever(rc.url, timeout=rc.timeout, max_retries=rc.max_retries)
         except ValueError as e:
-            raise _fail(f"env.retriever.url: {e}") from None
+            raise UserError(f"env.retriever.url: {e}") from None
         try:  # fail fast at start-up; during training a failure only becomes an observation
             retriever.search(["connectivity check"], 1)
         except RetrieverError as e:
-            raise _fail(f"env.retriever.url: {rc.url} is unreachable ({e})") from None
+            raise UserError(f"env.retriever.url: {rc.url} is unreachable ({e})") from None
         return retriever
     from treegrpo.retrievers import BM25Retriever
 
     if rc.corpus:
         if not Path(rc.corpus).is_file():
-            raise _fail(f"env.retriever.corpus: {rc.corpus} does not exist")
+            raise UserError(f"env.retriever.corpus: {rc.corpus} does not exist")
         return BM25Retriever(corpus_path=rc.corpus)
     if task is None:
-        raise _fail("env.retriever.corpus: required when training on your own data with a bm25 retriever")
+        raise UserError("env.retriever.corpus: required when training on your own data with a bm25 retriever")
     return BM25Retriever(docs=task.corpus)
 
 
@@ -110,7 +108,7 @@ def build_env(cfg: Config, retriever: Any, tokenizer: Any) -> Environment:
     try:
         return env_cls(retriever=retriever, tokenizer=tokenizer, **cfg.env.kwargs)
     except TypeError as e:
-        raise _fail(f"env.name: could not construct {cfg.env.name} ({e})") from None
+        raise UserError(f"env.name: could not construct {cfg.env.name} ({e})") from None
 
 
 def _cache_key(cfg: Config) -> str:
@@ -244,7 +242,7 @@ def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any 
         torch.set_num_threads(1)
     task, train_rows, eval_rows = load_data(cfg)
     if not train_rows:
-        raise _fail("data: the training set is empty")
+        raise UserError("data: the training set is empty")
     retriever = build_retriever(cfg, task)
     if cfg.model.path:
         model, tok = load_pretrained(cfg)
@@ -271,7 +269,7 @@ def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any 
             info = {"cached": False, "sft": stats.to_dict(), "seconds": stats.seconds}
     else:
         if task is None:
-            raise _fail(
+            raise UserError(
                 "model.path: required when training on your own data (the tiny model needs a built-in task)"
             )
         model, tok, info = build_tiny_from_task(cfg, task, retriever, log, on_sft_step)

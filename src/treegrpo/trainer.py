@@ -51,9 +51,12 @@ def batch_rows(rows: Sequence[dict[str, Any]], position: int, size: int, seed: i
     """Rows [position, position + size) of the seeded epoch-by-epoch shuffled stream."""
     out = []
     n = len(rows)
+    orders: dict[int, np.ndarray] = {}  # one permutation per epoch touched, not one per row
     for p in range(position, position + size):
         epoch, i = divmod(p, n)
-        out.append(rows[int(data_order(n, seed, epoch)[i])])
+        if epoch not in orders:
+            orders[epoch] = data_order(n, seed, epoch)
+        out.append(rows[int(orders[epoch][i])])
     return out
 
 
@@ -146,9 +149,7 @@ def evaluate(
             leaf = tree.leaves()[0]
             ems.append(exact_match(extract_answer(tree.response_text(leaf.id)), row["golden_answers"]))
             rewards.append(float(leaf.reward or 0.0))
-            searches.append(
-                sum(1 for n in tree.nodes if n.action == "search" and n.id in tree.ancestors(leaf.id))
-            )
+            searches.append(sum(tree.nodes[i].action == "search" for i in tree.ancestors(leaf.id)))
     return {
         "eval/em": float(np.mean(ems)),
         "eval/reward_mean": float(np.mean(rewards)),
