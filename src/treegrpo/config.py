@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+from treegrpo.advantage import ESTIMATORS
 from treegrpo.errors import UserError
+from treegrpo.expansion import STRATEGIES
 from treegrpo.rollout import RolloutConfig
 
 
@@ -165,10 +167,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_STRATEGIES = ("random", "chain", "fixed_depth", "depth_stratified", "entropy")
-_ESTIMATORS = ("tree", "tree_intra", "tree_inter", "tree_2norm", "grpo", "rloo")
-
-
 def _check_value(name: str, tp: Any, value: Any) -> Any:
     """Coerce `value` to the annotated type `tp` or raise ConfigError naming `name`."""
     origin = typing.get_origin(tp)
@@ -243,18 +241,19 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 
 
 def _validate(cfg: Config) -> Config:
-    if cfg.rollout.strategy not in _STRATEGIES:
+    strategies, estimators = list(STRATEGIES), list(ESTIMATORS)  # the registries, plug-ins included
+    if cfg.rollout.strategy not in strategies:
         raise ConfigError(
-            f"rollout.strategy: must be one of {', '.join(_STRATEGIES)}; got {cfg.rollout.strategy!r}"
+            f"rollout.strategy: must be one of {', '.join(strategies)}; got {cfg.rollout.strategy!r}"
         )
     try:
         cfg.rollout.validate()
     except ValueError as e:
         field_name, _, rest = str(e).partition(" must")
         raise ConfigError(f"{field_name}: must{rest}") from None
-    if cfg.advantage.estimator not in _ESTIMATORS:
+    if cfg.advantage.estimator not in estimators:
         raise ConfigError(
-            f"advantage.estimator: must be one of {', '.join(_ESTIMATORS)}; got {cfg.advantage.estimator!r}"
+            f"advantage.estimator: must be one of {', '.join(estimators)}; got {cfg.advantage.estimator!r}"
         )
     if cfg.rollout.strategy != "chain" and cfg.rollout.m * (1 + cfg.rollout.n * cfg.rollout.l) < 2:
         raise ConfigError("rollout.m: a group needs at least 2 trajectories (m * (1 + n * l) >= 2)")
