@@ -31,7 +31,9 @@ import numpy as np
 from treegrpo.build import RunParts, build_run
 from treegrpo.config import Config, load_config
 from treegrpo.errors import UserError
-from treegrpo.trainer import Trainer, evaluate, make_policy
+from treegrpo.evaluation import evaluate
+from treegrpo.policy_factory import make_policy
+from treegrpo.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent
 TREE_ESTIMATORS = ("tree", "tree_intra", "tree_inter", "tree_2norm")

@@ -23,7 +23,7 @@ def main() -> None:
 
     cfg = load_config(None, blob["overrides"])
     model = blob["model"]
-    parts = RunParts(model=model, tokenizer=blob["tokenizer"], env=None, train_rows=[{}], eval_rows=[])
+    parts = RunParts(model=model, tokenizer=blob["tokenizer"], env=None, train_rows=[{}] * 64, eval_rows=[])
     trainer = Trainer(cfg, parts, out_path.parent / "run")
     assert trainer.world == int(os.environ["WORLD_SIZE"]), trainer.world
     rank = trainer.rank

@@ -21,8 +21,9 @@ from treegrpo.build import RunParts
 from treegrpo.config import load_config
 from treegrpo.models import tiny_causal_lm
 from treegrpo.tokenizer import train_tokenizer
-from treegrpo.trainer import Trainer, _attach_advantages
+from treegrpo.trainer import Trainer
 from treegrpo.tree import leaf_arrays
+from treegrpo.update import attach_advantages
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,7 +52,7 @@ def test_two_processes_match_one(tmp_path: Path, accum: int):
     forests, _, _ = single.rollout()
     r, g, t = leaf_arrays(forests)
     rewards = np.asarray(r) + np.linspace(0, 1, len(r))  # non-trivial advantages everywhere
-    per_tree = _attach_advantages(forests, compute_advantages(rewards, g, t))
+    per_tree = attach_advantages(forests, compute_advantages(rewards, g, t))
     for f in forests:  # environment states are not needed for training and need not pickle
         for tree in f.trees:
             for n in tree.nodes:

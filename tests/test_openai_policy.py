@@ -314,8 +314,8 @@ def test_eval_cli_through_server_matches_hf(tiny_config, capsys):
     """`treegrpo eval --backend openai --base-url …` on the tiny run == the in-process HF evaluation."""
     from treegrpo.build import build_run
     from treegrpo.cli import main
+    from treegrpo.commands import evaluate_cli
     from treegrpo.config import load_config
-    from treegrpo.trainer import evaluate_cli
 
     cfg = load_config(tiny_config)
     hf = evaluate_cli(cfg)

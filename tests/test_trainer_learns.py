@@ -95,11 +95,11 @@ def test_on_policy_shortcut_equals_recomputed_old_logprobs(tmp_path: Path):
     b.on_policy = False
     forests, _, _ = a.rollout()
     from treegrpo.advantage import compute_advantages
-    from treegrpo.trainer import _attach_advantages
     from treegrpo.tree import leaf_arrays
+    from treegrpo.update import attach_advantages
 
     r, g, t = leaf_arrays(forests)
-    per_tree = _attach_advantages(forests, compute_advantages(np.asarray(r) + np.arange(len(r)) * 0.1, g, t))
+    per_tree = attach_advantages(forests, compute_advantages(np.asarray(r) + np.arange(len(r)) * 0.1, g, t))
     ma = a.train_on(forests, per_tree)
     mb = b.train_on(forests, per_tree)
     assert ma is not None and mb is not None

@@ -7,7 +7,6 @@ setting that shapes them, so a second run starts in seconds.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -234,7 +233,14 @@ def load_pretrained(cfg: Config) -> tuple[Any, Any]:
     return model, tok
 
 
-def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any = None) -> RunParts:
+def build_run(
+    cfg: Config,
+    log: Callable[[str], None] = print,
+    on_sft_step: Any = None,
+    device: torch.device | str | None = None,
+) -> RunParts:
+    """Data, retriever, environment, tokenizer and model; a pretrained model is moved to `device`
+    (with fp32 master weights for what trains) before its warm start, so the warm start runs there."""
     torch.manual_seed(cfg.seed)
     if not cfg.model.path and not torch.cuda.is_available():
         # A sub-million-parameter model gains nothing from a second CPU thread and loses a lot when
@@ -246,6 +252,11 @@ def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any 
     retriever = build_retriever(cfg, task)
     if cfg.model.path:
         model, tok = load_pretrained(cfg)
+        from treegrpo.precision import autocast, compute_dtype, model_device, upcast_trainable
+
+        if device is not None:
+            model.to(device)
+        upcast_trainable(model)
         info: dict[str, Any] = {}
         ws = cfg.warmstart
         if ws.enabled and ws.num_demos > 0 and ws.epochs > 0 and task is not None:
@@ -255,17 +266,18 @@ def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any 
 
             demos = task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed)
             log(f"warm start: SFT of {cfg.model.path} on {len(demos)} demonstrations ({ws.epochs} epochs)")
-            stats = warm_start(
-                model,
-                tok,
-                build_env(cfg, retriever, tok),
-                demos,
-                epochs=ws.epochs,
-                lr=ws.lr,
-                batch_size=ws.batch_size,
-                seed=cfg.seed,
-                on_step=on_sft_step,
-            )
+            with autocast(model_device(model), compute_dtype(cfg.model.dtype)):
+                stats = warm_start(
+                    model,
+                    tok,
+                    build_env(cfg, retriever, tok),
+                    demos,
+                    epochs=ws.epochs,
+                    lr=ws.lr,
+                    batch_size=ws.batch_size,
+                    seed=cfg.seed,
+                    on_step=on_sft_step,
+                )
             info = {"cached": False, "sft": stats.to_dict(), "seconds": stats.seconds}
     else:
         if task is None:
@@ -275,14 +287,3 @@ def build_run(cfg: Config, log: Callable[[str], None] = print, on_sft_step: Any 
         model, tok, info = build_tiny_from_task(cfg, task, retriever, log, on_sft_step)
     env = build_env(cfg, retriever, tok)
     return RunParts(model, tok, env, train_rows, eval_rows, task, info)
-
-
-def reference_model(model: Any) -> Any | None:
-    """A frozen copy of the starting policy for the KL term (LoRA models use their base instead)."""
-    if hasattr(model, "disable_adapter"):
-        return None
-    ref = copy.deepcopy(model)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from treegrpo.errors import UserError
+
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -137,3 +139,29 @@ def load_trainer_state(
     return TrainerState(
         step=int(meta["step"]), data_position=int(meta["data_position"]), extra=meta.get("extra", {})
     )
+
+
+def load_weights(model: Any, ckpt: Path) -> None:
+    """Load a checkpoint's weights into `model` in place (full model or LoRA adapter)."""
+    from safetensors.torch import load_file
+
+    adapter = ckpt / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+        return
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"{ckpt}: no model weights found")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if "lm_head" not in k]  # tied embeddings are saved once
+    if real_missing or unexpected:
+        raise UserError(
+            f"{ckpt}: weights do not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()

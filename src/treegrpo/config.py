@@ -124,6 +124,9 @@ class TrainerConfig:
     entropy_coeff: float = field(default=0.001)
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     packing: Literal["tree", "leaf"] = "tree"
+    # Truncated importance sampling for a sampler whose numerics differ from the trainer's (vLLM in bf16):
+    # the per-token policy-gradient weight is min(exp(trainer_old - sampler), tis_cap). 0 = off.
+    tis_cap: float = field(default=0.0, metadata={"min": 0.0})
     eval_every: int = field(default=20, metadata={"min": 0})
     save_every: int = field(default=20, metadata={"min": 0})
     keep_last: int = field(default=2, metadata={"min": 1})

@@ -14,9 +14,11 @@ and row; so does an empty dataset.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from treegrpo.errors import UserError
 
@@ -222,3 +224,72 @@ __all__ = [
     "load_rows",
     "normalize_row",
 ]
+
+
+# -- the training stream -------------------------------------------------------------------------
+# Prompts are drawn epoch by epoch, each epoch a seeded permutation of the rows. A batch that straddles two
+# epochs takes the tail of one and the head of the next; so that it never holds a row twice, the next
+# epoch's permutation moves the rows of that tail out of its head (it stays a permutation: every row
+# exactly once per epoch). The stream is a pure function of (rows, seed, batch size, position), so a
+# resumed run draws exactly the batches of the uninterrupted one.
+
+
+def data_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The raw seeded permutation of epoch `epoch` (before the boundary fix-up of `epoch_order`)."""
+    return np.random.default_rng([seed, epoch, 424242]).permutation(n)
+
+
+_ORDERS: dict[tuple[int, int, int, int], dict[int, np.ndarray]] = {}
+
+
+def _next_order(prev: np.ndarray, n: int, seed: int, epoch: int, batch: int, phase: int) -> np.ndarray:
+    raw = data_order(n, seed, epoch)
+    boundary = epoch * n
+    tail = (boundary - phase) % batch  # rows of the previous epoch in the batch that crosses the boundary
+    if tail == 0:
+        return raw
+    head = raw[~np.isin(raw, prev[n - tail :])][: batch - tail]
+    return np.concatenate([head, raw[~np.isin(raw, head)]])
+
+
+def epoch_order(n: int, seed: int, epoch: int, batch: int, phase: int = 0) -> np.ndarray:
+    """Row order of `epoch` for batches of `batch` rows starting at positions ≡ `phase` (mod batch)."""
+    cache = _ORDERS.setdefault((n, seed, batch, phase), {})
+    if epoch not in cache:
+        known = [e for e in cache if e < epoch]
+        e = max(known) if known else 0
+        order = cache[e] if known else data_order(n, seed, 0)
+        while e < epoch:
+            e += 1
+            order = _next_order(order, n, seed, e, batch, phase)
+        for old in sorted(cache)[:-3]:  # batches only ever look at the current and the next epoch
+            del cache[old]
+        cache[epoch] = order
+    return cache[epoch]
+
+
+def batch_rows(rows: Sequence[dict[str, Any]], position: int, size: int, seed: int) -> list[dict[str, Any]]:
+    """Rows [position, position + size) of the seeded epoch-by-epoch stream; never a row twice.
+
+    A batch larger than the dataset would need a row twice (and a prompt's group id must be unique in a
+    step), so that is an error.
+    """
+    n = len(rows)
+    if size > n:
+        raise UserError(
+            f"data: a step of {size} prompts needs {size} distinct training rows but the training set has "
+            f"{n} (lower trainer.prompts_per_step or add rows)"
+        )
+    phase = position % size
+    out = []
+    for p in range(position, position + size):
+        epoch, i = divmod(p, n)
+        out.append(rows[int(epoch_order(n, seed, epoch, size, phase)[i])])
+    return out
+
+
+def group_ids_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return [
+        str(r.get("group_id") or f"{r.get('data_source', 'data')}/{r.get('index', i)}")
+        for i, r in enumerate(rows)
+    ]

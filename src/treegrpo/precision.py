@@ -1,0 +1,45 @@
+"""Mixed precision the standard way: fp32 master weights and optimizer state, bf16/fp16 compute.
+
+`model.dtype: bfloat16` loads the checkpoint in bf16 (half the memory while loading); then every
+*trainable* parameter is upcast to fp32, so AdamW's state and its updates live in fp32 (at lr 1e-6 a
+bf16 weight near 0.02 would not move: its spacing there is ~7.8e-5), and forwards run under
+`torch.autocast` in the configured dtype. Frozen parameters (a LoRA base, the reference model) stay in
+the compute dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+def compute_dtype(dtype_name: str) -> torch.dtype | None:
+    """The autocast dtype for `model.dtype`, or None for plain fp32."""
+    dtype = getattr(torch, dtype_name)
+    return None if dtype == torch.float32 else dtype
+
+
+def upcast_trainable(model: torch.nn.Module) -> int:
+    """Trainable parameters → fp32 in place (the master weights); returns how many were cast."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> Any:
+    """`torch.autocast` in `dtype` on `device`'s type; a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    kind = torch.device(device).type
+    return torch.autocast(device_type=kind, dtype=dtype)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
