@@ -49,6 +49,7 @@ from treegrpo.rollout import sample_forests
 from treegrpo.run_log import MetricsLogger
 from treegrpo.tree import Forest, leaf_arrays, write_jsonl
 from treegrpo.update import (
+    NonFiniteWeights,
     Scoring,
     UpdateConfig,
     attach_advantages,
@@ -278,8 +279,10 @@ class Trainer:
         )
         finite, mismatch = score_micro_batches(self.model, self.ref_model, minis, scoring, self.dist)
         if not finite:  # before any optimizer step: nothing of this step is applied
-            for _ in range(self.updates_per_step):
-                self.scheduler.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(self.updates_per_step):
+                    self.scheduler.step()
             return {"updates": 0.0, "skipped_updates": float(self.updates_per_step)}
         ucfg = UpdateConfig(ppo_epochs=tc.ppo_epochs, max_grad_norm=tc.max_grad_norm, scoring=scoring)
         return update(
@@ -415,7 +418,13 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         ui.start_training(tc.steps, trainer.step)
         last: dict[str, Any] = {}
         while trainer.step < tc.steps:
-            metrics = trainer.train_step()
+            try:
+                metrics = trainer.train_step()
+            except NonFiniteWeights as e:
+                logger.close()
+                good = latest_checkpoint(run_dir / "checkpoints")
+                where = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
+                raise NonFiniteWeights(f"step {trainer.step + 1}: {e}; {where}") from None
             forests = metrics.pop("_forests")
             step = trainer.step
             if tc.eval_every and parts.eval_rows and (step % tc.eval_every == 0 or step == tc.steps):

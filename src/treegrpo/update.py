@@ -20,6 +20,7 @@ before anything is saved.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -329,13 +330,14 @@ def update(
     cfg: UpdateConfig,
     dist: DistContext,
     mismatch: Mismatch | None = None,
-    loss_fn: Callable[..., tuple[Tensor, dict[str, float], Mismatch | None]] = micro_loss,
+    loss_fn: Callable[..., tuple[Tensor, dict[str, float], Mismatch | None]] | None = None,
 ) -> dict[str, float]:
     """`ppo_epochs` passes over `minis`, one optimizer step per mini-batch; globally reduced metrics.
 
     Collectives per optimizer step, on every rank: one gradient all-reduce, one agreement on
     finiteness, one on the weights after the step; then one metric reduction at the end.
     """
+    loss_fn = loss_fn or micro_loss
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     sums = MetricSums()
@@ -377,7 +379,9 @@ def update(
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first step is not torch's "step order" mistake
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
     return _reduce(sums, mismatch, grad_norms, applied, skipped, loss_cfg, dist)
 
 
