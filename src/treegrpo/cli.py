@@ -7,11 +7,13 @@ User-facing errors (bad config, data, paths, unreachable services) print one lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
 
 from treegrpo.errors import UserError
+from treegrpo.runlock import is_main_launch_process, run_dir_lock
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -71,12 +73,17 @@ def _run(args: argparse.Namespace) -> int:
     from treegrpo.config import load_config
 
     if args.command in (None, "train"):
-        from treegrpo.trainer import train
-
         cfg = load_config(
             getattr(args, "config", None), getattr(args, "overrides", []), getattr(args, "preset", None)
         )
-        train(cfg, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False))
+        with contextlib.ExitStack() as stack:
+            if is_main_launch_process():  # before anything (warm start, config.yaml) is written
+                stack.enter_context(run_dir_lock(cfg.run_dir))
+            from treegrpo.trainer import train  # after the lock: a refused run exits before heavy imports
+
+            train(
+                cfg, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False)
+            )
         return 0
     if args.command == "eval":
         from treegrpo.trainer import evaluate_cli
