@@ -212,3 +212,16 @@ def test_served_from_the_cli_with_the_index_in_the_cache_dir(tmp_path: Path) -> 
     assert "Traceback" not in err.decode(), err.decode()
     assert sorted(p.name for p in data.iterdir()) == ["corpus.jsonl"]
     assert [p.name.split("-")[0] for p in (cache / "bm25").iterdir()] == ["corpus.jsonl"]
+
+
+def test_benchmark_script_prints_the_keys() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    script = ROOT / "benchmarks" / "retriever_server.py"
+    args = ["--json", "--quick", "--clients", "4", "--requests", "10", "--docs", "200"]
+    r = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert {"p50_ms", "p99_ms", "errors", "requests"} <= set(out)
+    assert out["errors"] == 0 and out["requests"] == 40 and out["p50_ms"] <= out["p99_ms"]

@@ -39,6 +39,7 @@ from treegrpo.retrievers.base import Passage, Retriever
 log = logging.getLogger(__name__)
 
 BACKLOG = 2048
+INLINE_BODY_BYTES = 4096  # bodies up to this size are answered on the event loop (about 0.2 ms of BM25)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,10 @@ def make_app(retriever: Retriever, limits: ServerLimits | None = None, default_t
             return JSONResponse({"error": str(e)}, status_code=e.status, headers={"Connection": "close"})
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is left to read it
-        status, payload = await run_in_threadpool(answer, retriever, body, limits, default_topk)
+        if len(body) <= INLINE_BODY_BYTES:  # a lookup or two: cheaper than the hop to a worker thread
+            status, payload = answer(retriever, body, limits, default_topk)
+        else:  # a large batch must not stall the event loop (and the small requests behind it)
+            status, payload = await run_in_threadpool(answer, retriever, body, limits, default_topk)
         return Response(payload, status_code=status, media_type="application/json")
 
     async def health(request: Request) -> Response:
@@ -267,6 +271,8 @@ def serve(
     print(f"serving {label} on {server.url} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the normal way to stop
+        pass
     finally:
         server.server_close()
 
