@@ -207,3 +207,47 @@ def test_resume_and_eval_fall_back_past_each_damaged_file(tiny_config: Path, tmp
             assert main(args) == 2
         errors = _error_lines(capsys.readouterr().err)
         assert len(errors) == 1 and "no intact checkpoint left" in errors[0], errors
+
+
+def test_weights_made_non_finite_by_an_update_never_reach_a_checkpoint(
+    tiny_config: Path, monkeypatch, capsys
+) -> None:
+    """A plug-in optimizer step that poisons one weight at step 2: the step is skipped (the trainer's
+    guard) or the run stops with exit 2 (the checkpoint writer's refusal); no checkpoint holds inf/nan."""
+    from safetensors.torch import load_file
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoning_step(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        out = real_step(self, *args, **kwargs)
+        if self.defaults["lr"] != 2e-4:  # the warm start's optimizer, not the RL trainer's
+            return out
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    args = ["train", "--config", str(tiny_config), "--no-progress", "--set", "name=poison"]
+    args += ["--set", "trainer.save_every=1", "--set", "trainer.eval_every=0", "--set", "trainer.steps=3"]
+    code = main([*args, "--set", "trainer.lr=2e-4"])
+    err = capsys.readouterr().err
+    assert calls["n"] >= 2 and code in (0, 2), err
+    if code == 2:
+        errors = _error_lines(err)
+        assert (
+            len(errors) == 1 and "refusing to write checkpoint step-000002: non-finite values in" in errors[0]
+        )
+    ckpts = list_checkpoints(_run_dir(tiny_config, "poison") / "checkpoints")
+    assert ckpts and ckpts[0].name == "step-000001"
+    for ckpt in ckpts:
+        assert verify_checkpoint(ckpt) is None
+        for f in ckpt.glob("*.safetensors"):
+            for name, t in load_file(str(f)).items():
+                assert bool(torch.isfinite(t).all()), (ckpt.name, name)
+        blob = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        for state in blob["optimizer"]["state"].values():
+            for v in state.values():
+                assert not isinstance(v, torch.Tensor) or bool(torch.isfinite(v).all()), ckpt.name
