@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from treegrpo.cli import main
-from treegrpo.retrievers import BM25Retriever, HTTPRetriever
+from treegrpo.retrievers import BM25Retriever, HTTPRetriever, RetrieverError
 from treegrpo.retrievers.server import ServerLimits, make_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,3 +225,17 @@ def test_benchmark_script_prints_the_keys() -> None:
     out = json.loads(r.stdout)
     assert {"p50_ms", "p99_ms", "errors", "requests"} <= set(out)
     assert out["errors"] == 0 and out["requests"] == 40 and out["p50_ms"] <= out["p99_ms"]
+
+
+def test_client_splits_a_large_wave_into_requests_the_server_accepts() -> None:
+    local = BM25Retriever(docs=DOCS)
+    srv = make_server(local, port=0, limits=ServerLimits(max_queries=4)).start()
+    try:
+        queries = [f"entity {i} firm" for i in range(10)]
+        url = srv.url
+        with pytest.raises(RetrieverError, match="HTTP 413"):
+            HTTPRetriever(url, max_batch=10, max_retries=0).search(queries, 2)
+        assert HTTPRetriever(url, max_batch=4).search(queries, 2) == local.search(queries, 2)
+    finally:
+        srv.shutdown()
+        srv.server_close()
