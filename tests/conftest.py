@@ -12,6 +12,7 @@ import yaml
 torch.set_num_threads(1)
 
 TINY = {
+    "preset": "none",  # the dataclass defaults + these values, not the quickstart preset's
     "name": "tiny",
     "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2},
     "data": {"task_kwargs": {"seed": 0, "n_entities": 40, "max_hops": 2}, "eval_size": 8},

@@ -1,6 +1,6 @@
 """Faults during a real run: the retriever fails mid-run, the process is killed with SIGKILL.
 
-- A real local retrieval server (``make_server`` on 127.0.0.1) answers, then returns 500s, garbage
+- A real local retrieval server (the uvicorn app on 127.0.0.1) answers, then returns 500s, garbage
   and mis-shaped JSON, hangs past the timeout, and finally shuts down: the run completes and
   ``metrics.jsonl`` counts the failures in ``tools/failures``.
 - ``treegrpo train`` in a subprocess is SIGKILLed at a random moment after its first checkpoint;
@@ -22,14 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import yaml
 
 from treegrpo.checkpoint import latest_checkpoint
 from treegrpo.cli import main
 from treegrpo.envs.search_r1 import SEARCH_FAILED_BODY
-from treegrpo.retrievers import BM25Retriever, make_server
-from treegrpo.retrievers.server import _Handler
+from treegrpo.retrievers import BM25Retriever
+from treegrpo.retrievers.server import RetrieverServer, make_app
 from treegrpo.run_log import read_metrics
 from treegrpo.tasks import build_task
 
@@ -57,51 +58,54 @@ SCHEDULE = [
     "slow",
     "garbage",  # → failed search
 ]
-# Then, 3 attempts after step 1 is logged: "down" (connection dropped, server shut down, every later
+# Then, 3 attempts after step 1 is logged: "down" (a 503, then the server shuts down: every later
 # search refused).
 
 
-class _FaultyHandler(_Handler):
-    """The real server's handler, with the fault of the current attempt injected first."""
+class _FaultyApp:
+    """The real server's ASGI app, with the fault of the current attempt injected first."""
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        srv: Any = self.server
-        with srv.lock:
-            n = len(srv.modes)
+    def __init__(self, app: Any, metrics: Path) -> None:
+        self.app, self.metrics = app, metrics
+        self.lock, self.modes = threading.Lock(), []
+        self.step2_from: int | None = None
+        self.server: Any = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/retrieve":
+            return await self.app(scope, receive, send)
+        with self.lock:
+            n = len(self.modes)
             mode = SCHEDULE[n] if n < len(SCHEDULE) else "ok"
-            if srv.step2_from is None and n >= len(SCHEDULE) and srv.metrics.is_file():
-                srv.step2_from = n  # step 1 is logged: a few good searches, then the outage
-            if srv.step2_from is not None and n >= srv.step2_from + 3:
+            if self.step2_from is None and n >= len(SCHEDULE) and self.metrics.is_file():
+                self.step2_from = n  # step 1 is logged: a few good searches, then the outage
+            if self.step2_from is not None and n >= self.step2_from + 3:
                 mode = "down"
-            srv.modes.append(mode)
+            self.modes.append(mode)
         if mode == "ok":
-            super().do_POST()
-        elif mode == "500":
-            self._send(500, {"error": "injected failure"})
-        elif mode in ("garbage", "shape"):
-            body = b'{"result": [[{"document": {"id": 1, "te' if mode == "garbage" else b'{"result": "nope"}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        elif mode == "slow":
-            time.sleep(3 * TIMEOUT)  # the client has given up by now; answer nothing
-            self.close_connection = True
-        else:  # down: drop this connection and stop listening
-            self.close_connection = True
-            threading.Thread(target=lambda: (srv.shutdown(), srv.server_close()), daemon=True).start()
+            return await self.app(scope, receive, send)
+        if mode == "slow":
+            await anyio.sleep(3 * TIMEOUT)  # the client has given up by now
+        if mode == "down":  # stop listening: this and every later attempt fails
+            threading.Thread(target=lambda: (self.server.shutdown(), self.server.server_close())).start()
+        body = {
+            "500": b'{"error": "injected failure"}',
+            "garbage": b'{"result": [[{"document": {"id": 1, "te',
+            "shape": b'{"result": "nope"}',
+        }.get(mode, b"{}")
+        code = 200 if mode in ("garbage", "shape") else 500 if mode == "500" else 503
+        headers = [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def test_retriever_outage_mid_run_becomes_observations_and_metrics(tiny_config: Path, capsys) -> None:
     cfg = yaml.safe_load(tiny_config.read_text())
     task = build_task("synthetic-kb", **cfg["data"]["task_kwargs"])  # the tiny config's task
-    server = make_server(BM25Retriever(docs=task.corpus), port=0)
-    server.RequestHandlerClass = _FaultyHandler
-    server.lock, server.modes = threading.Lock(), []  # type: ignore[attr-defined]
-    server.metrics = _run_dir(tiny_config, "outage") / "metrics.jsonl"  # type: ignore[attr-defined]
-    server.step2_from = None  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    app = _FaultyApp(
+        make_app(BM25Retriever(docs=task.corpus)), _run_dir(tiny_config, "outage") / "metrics.jsonl"
+    )
+    server = app.server = RetrieverServer(app, port=0).start()
     try:
         sets = [
             "name=outage",
@@ -122,10 +126,9 @@ def test_retriever_outage_mid_run_becomes_observations_and_metrics(tiny_config: 
         assert main(args) == 0, capsys.readouterr().err
         seconds = time.perf_counter() - t0
     finally:
-        if server.socket.fileno() != -1:
-            server.shutdown()
-            server.server_close()
-    modes: list[str] = server.modes  # type: ignore[attr-defined]
+        server.shutdown()
+        server.server_close()
+    modes: list[str] = app.modes
     assert set(modes) >= {"ok", "500", "garbage", "shape", "slow", "down"}, (len(modes), modes)
     run = _run_dir(tiny_config, "outage")
     rows = [r for r in read_metrics(run) if r["step"] > 0]

@@ -21,6 +21,7 @@ from treegrpo.retrievers import (
     load_corpus,
     make_server,
 )
+from treegrpo.retrievers.bm25 import index_dir_for
 
 DOCS = [
     {
@@ -119,12 +120,17 @@ def test_bm25_finds_the_right_document():
         r.search(["x"], topk=0)
 
 
-def test_bm25_index_saved_next_to_corpus_and_reloaded(tmp_path):
-    corpus = _write_jsonl(tmp_path / "kb.jsonl", DOCS)
-    first = BM25Retriever(corpus_path=corpus)
-    index_dir = tmp_path / "kb.jsonl.bm25s"
+def test_bm25_index_saved_in_the_cache_dir_and_reloaded(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    corpus = _write_jsonl(data / "kb.jsonl", DOCS)
+    cache = tmp_path / "cache"
+    first = BM25Retriever(corpus_path=corpus, cache_dir=cache)
+    index_dir = index_dir_for(corpus, cache)
+    assert index_dir.parent == cache / "bm25" and index_dir.name.startswith("kb.jsonl-")
     assert index_dir.is_dir() and not first.loaded_from_disk
-    second = BM25Retriever(corpus_path=corpus)
+    assert sorted(p.name for p in data.iterdir()) == ["kb.jsonl"]  # nothing written next to the corpus
+    second = BM25Retriever(corpus_path=corpus, cache_dir=cache)
     assert second.loaded_from_disk
     q = ["Bell Labs information", "COBOL compiler"]
     assert second.search(q, 3) == first.search(q, 3)
@@ -133,7 +139,7 @@ def test_bm25_index_saved_next_to_corpus_and_reloaded(tmp_path):
     _write_jsonl(
         corpus, [*DOCS, {"id": "d6", "title": "Barbara Liskov", "text": "Liskov substitution principle."}]
     )
-    third = BM25Retriever(corpus_path=corpus)
+    third = BM25Retriever(corpus_path=corpus, cache_dir=cache)
     assert not third.loaded_from_disk
     assert third.search(["substitution principle"], 1)[0][0].id == "d6"
 

@@ -82,7 +82,7 @@ def build_retriever(cfg: Config, task: Any) -> Any:
     if rc.corpus:
         if not Path(rc.corpus).is_file():
             raise UserError(f"env.retriever.corpus: {rc.corpus} does not exist")
-        return BM25Retriever(corpus_path=rc.corpus)
+        return BM25Retriever(corpus_path=rc.corpus, cache_dir=cfg.cache_dir)  # index cached there
     if task is None:
         raise UserError("env.retriever.corpus: required when training on your own data with a bm25 retriever")
     return BM25Retriever(docs=task.corpus)

@@ -7,11 +7,14 @@ User-facing errors (bad config, data, paths, unreachable services) print one lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from treegrpo.errors import UserError
+from treegrpo.runlock import is_main_launch_process, run_dir_lock
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve-retriever", help="serve a BM25 index over the Search-R1 retrieval protocol")
     p.add_argument("--corpus", required=True, help="jsonl corpus ({id,title,text} or {id,contents})")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port)")
+    p.add_argument("--cache-dir", default=".cache/treegrpo", help="where the BM25 index is cached")
+    p.add_argument("--max-queries", type=int, default=4096, help="queries per request (more: 413)")
+    p.add_argument("--max-topk", type=int, default=100, help="largest topk a request may ask for (more: 400)")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request body limit (413)")
+    p.add_argument("--body-timeout", type=float, default=10.0, help="seconds to receive a body (else 408)")
 
     p = sub.add_parser("config", help="configuration helpers")
     csub = p.add_subparsers(dest="config_command")
@@ -71,15 +79,20 @@ def _run(args: argparse.Namespace) -> int:
     from treegrpo.config import load_config
 
     if args.command in (None, "train"):
-        from treegrpo.trainer import train
-
         cfg = load_config(
             getattr(args, "config", None), getattr(args, "overrides", []), getattr(args, "preset", None)
         )
-        train(cfg, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False))
+        with contextlib.ExitStack() as stack:
+            if is_main_launch_process():  # before anything (warm start, config.yaml) is written
+                stack.enter_context(run_dir_lock(cfg.run_dir))
+            from treegrpo.trainer import train  # after the lock: a refused run exits before heavy imports
+
+            train(
+                cfg, resume=getattr(args, "resume", False), progress=not getattr(args, "no_progress", False)
+            )
         return 0
     if args.command == "eval":
-        from treegrpo.trainer import evaluate_cli
+        from treegrpo.commands import evaluate_cli
 
         flags = [("backend", args.backend), ("base_url", args.base_url), ("api_model", args.api_model)]
         extra = [f"policy.{k}={v}" for k, v in flags if v is not None]
@@ -87,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
         evaluate_cli(cfg, checkpoint=args.checkpoint)
         return 0
     if args.command == "rollout":
-        from treegrpo.trainer import rollout_cli
+        from treegrpo.commands import rollout_cli
 
         cfg = load_config(args.config, args.overrides, args.preset)
         rollout_cli(cfg, out=args.out, num_prompts=args.prompts, checkpoint=args.checkpoint)
@@ -98,13 +111,24 @@ def _run(args: argparse.Namespace) -> int:
         return report_cli(args.run_dir)
     if args.command == "serve-retriever":
         from treegrpo.retrievers import BM25Retriever
-        from treegrpo.retrievers.server import serve
+        from treegrpo.retrievers.server import ServerLimits, bind_socket, serve
 
-        retriever = BM25Retriever(corpus_path=args.corpus)
-        print(
-            f"serving {args.corpus} on http://{args.host}:{args.port}/retrieve (Ctrl-C to stop)", flush=True
+        limits = ServerLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_queries=args.max_queries,
+            max_topk=args.max_topk,
+            body_timeout=args.body_timeout,
         )
-        serve(retriever, host=args.host, port=args.port)
+        for name in ("max_body_bytes", "max_queries", "max_topk", "body_timeout"):
+            if not getattr(limits, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(limits, name)}")
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"--port: must be in [0, 65535], got {args.port}")
+        if not Path(args.corpus).is_file():
+            raise UserError(f"--corpus: {args.corpus} does not exist")
+        sock = bind_socket(args.host, args.port)  # a busy port fails now, not after indexing
+        retriever = BM25Retriever(corpus_path=args.corpus, cache_dir=args.cache_dir)
+        serve(retriever, host=args.host, port=args.port, limits=limits, label=args.corpus, sock=sock)
         return 0
     if args.command == "config":
         if args.config_command != "show":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,10 +23,26 @@ from treegrpo.advantage import ESTIMATORS
 from treegrpo.errors import UserError
 from treegrpo.expansion import STRATEGIES
 from treegrpo.rollout import RolloutConfig
+from treegrpo.rollout_memory import rollout_memory_problem
 
 
 class ConfigError(UserError, ValueError):
     """A bad configuration value; the message names the field."""
+
+
+_MAX_STEPS = 1_000_000
+# Bounds of the rollout fields, whose dataclass lives with the sampler (rollout.py). Every count field
+# has a maximum so that a typo fails here, not after minutes of growing memory; the product of the
+# rollout's sizes is checked against memory by `rollout_memory_problem`.
+ROLLOUT_BOUNDS: dict[str, dict[str, int]] = {
+    "m": {"max": 256},
+    "n": {"max": 64},
+    "l": {"max": 32},
+    "num_generations": {"max": 1024},
+    "fixed_depth": {"max": 100},
+    "max_waves": {"max": 1024},
+    "max_context_tokens": {"max": 1_048_576},
+}
 
 
 @dataclass
@@ -34,16 +51,16 @@ class ModelConfig:
     # from `arch` with a tokenizer trained on the task corpus (the quickstart).
     path: str = ""
     arch: Literal["llama", "qwen2"] = "llama"
-    hidden_size: int = field(default=96, metadata={"min": 8})
-    num_layers: int = field(default=3, metadata={"min": 1})
-    num_heads: int = field(default=4, metadata={"min": 1})
+    hidden_size: int = field(default=96, metadata={"min": 8, "max": 16384})
+    num_layers: int = field(default=3, metadata={"min": 1, "max": 256})
+    num_heads: int = field(default=4, metadata={"min": 1, "max": 256})
     tokenizer: Literal["wordlevel", "bpe"] = "wordlevel"
     gguf_file: str = ""  # load weights from a GGUF file inside `path` (SmolLM2 preset)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
     lora: bool = False
-    lora_r: int = field(default=16, metadata={"min": 1})
-    lora_alpha: int = field(default=32, metadata={"min": 1})
+    lora_r: int = field(default=16, metadata={"min": 1, "max": 1024})
+    lora_alpha: int = field(default=32, metadata={"min": 1, "max": 65536})
     lora_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
@@ -55,13 +72,13 @@ class PolicyConfig:
     backend: Literal["hf", "vllm", "openai"] = "hf"
     temperature: float = field(default=1.0, metadata={"min": 0.0})
     top_p: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
-    max_new_tokens: int = field(default=48, metadata={"min": 1})
+    max_new_tokens: int = field(default=48, metadata={"min": 1, "max": 32768})
     base_url: str = ""  # openai: http://host:port (or …/v1) of the vLLM / SGLang server
     api_model: str = ""  # openai: served model name; empty = the first one the server lists
     request_timeout: float = field(default=120.0, metadata={"min": 0.0})  # openai: seconds per request
-    max_retries: int = field(default=2, metadata={"min": 0})  # openai: retries per request
+    max_retries: int = field(default=2, metadata={"min": 0, "max": 100})  # openai: retries per request
     # vllm/openai: >0 = report the entropy of the top-k log-probs (a lower bound); 0 = no entropies
-    entropy_topk: int = field(default=0, metadata={"min": 0})
+    entropy_topk: int = field(default=0, metadata={"min": 0, "max": 100})
     vllm_gpu_memory_utilization: float = field(default=0.5, metadata={"min": 0.01, "max": 1.0})
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM(...) engine arguments
 
@@ -72,15 +89,15 @@ class RetrieverConfig:
     corpus: str = ""  # jsonl corpus for bm25; empty = the task's built-in corpus
     url: str = ""  # Search-R1 retrieval server, e.g. http://127.0.0.1:8000/retrieve
     timeout: float = field(default=10.0, metadata={"min": 0.0})
-    max_retries: int = field(default=2, metadata={"min": 0})
+    max_retries: int = field(default=2, metadata={"min": 0, "max": 100})
 
 
 @dataclass
 class EnvConfig:
     name: str = "search_r1"  # or an import path "my_pkg.my_env:MyEnv"
-    max_turns: int = field(default=4, metadata={"min": 1})
-    topk: int = field(default=1, metadata={"min": 1})
-    max_obs_tokens: int = field(default=64, metadata={"min": 1})
+    max_turns: int = field(default=4, metadata={"min": 1, "max": 100})
+    topk: int = field(default=1, metadata={"min": 1, "max": 100})
+    max_obs_tokens: int = field(default=64, metadata={"min": 1, "max": 32768})
     reward: str = "em_format"  # a registered reward or an import path
     template: str = ""  # prompt template with {question}; empty = the Search-R1 instruction
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
@@ -93,7 +110,7 @@ class DataConfig:
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     train_path: str = ""  # parquet / jsonl / datasets dir
     eval_path: str = ""
-    eval_size: int = field(default=200, metadata={"min": 1})
+    eval_size: int = field(default=200, metadata={"min": 1, "max": 100_000})
 
 
 @dataclass
@@ -104,14 +121,16 @@ class AdvantageConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = field(default=60, metadata={"min": 0})
-    prompts_per_step: int = field(default=16, metadata={"min": 1})
-    mini_batch_prompts: int = field(default=0, metadata={"min": 0})  # 0 = one optimizer step per rollout
-    ppo_epochs: int = field(default=1, metadata={"min": 1})
-    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1})
+    steps: int = field(default=60, metadata={"min": 0, "max": _MAX_STEPS})
+    prompts_per_step: int = field(default=16, metadata={"min": 1, "max": 8192})
+    mini_batch_prompts: int = field(
+        default=0, metadata={"min": 0, "max": 8192}
+    )  # 0 = one optimizer step per rollout
+    ppo_epochs: int = field(default=1, metadata={"min": 1, "max": 64})
+    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1, "max": 4096})
     lr: float = field(default=3e-4, metadata={"min": 0.0})
     lr_scheduler: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = field(default=0, metadata={"min": 0})
+    warmup_steps: int = field(default=0, metadata={"min": 0, "max": _MAX_STEPS})
     weight_decay: float = field(default=0.01, metadata={"min": 0.0})
     adam_beta1: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
     adam_beta2: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0})
@@ -126,28 +145,28 @@ class TrainerConfig:
     packing: Literal["tree", "leaf"] = "tree"
     # Truncated importance sampling for a sampler whose numerics differ from the trainer's (vLLM in bf16):
     # the per-token policy-gradient weight is min(exp(trainer_old - sampler), tis_cap). 0 = off.
-    tis_cap: float = field(default=0.0, metadata={"min": 0.0})
-    eval_every: int = field(default=20, metadata={"min": 0})
-    save_every: int = field(default=20, metadata={"min": 0})
-    keep_last: int = field(default=2, metadata={"min": 1})
-    max_bad_steps: int = field(default=3, metadata={"min": 1})
-    save_trees_every: int = field(default=10, metadata={"min": 0})
+    tis_cap: float = field(default=0.0, metadata={"min": 0.0, "max": 1e6})
+    eval_every: int = field(default=20, metadata={"min": 0, "max": _MAX_STEPS})
+    save_every: int = field(default=20, metadata={"min": 0, "max": _MAX_STEPS})
+    keep_last: int = field(default=2, metadata={"min": 1, "max": 1000})
+    max_bad_steps: int = field(default=3, metadata={"min": 1, "max": 1000})
+    save_trees_every: int = field(default=10, metadata={"min": 0, "max": _MAX_STEPS})
 
 
 @dataclass
 class WarmStartConfig:
     enabled: bool = True
-    num_demos: int = field(default=300, metadata={"min": 0})
-    epochs: int = field(default=3, metadata={"min": 0})
+    num_demos: int = field(default=300, metadata={"min": 0, "max": 1_000_000})
+    epochs: int = field(default=3, metadata={"min": 0, "max": 1000})
     lr: float = field(default=3e-3, metadata={"min": 0.0})
-    batch_size: int = field(default=16, metadata={"min": 1})
+    batch_size: int = field(default=16, metadata={"min": 1, "max": 4096})
     early_stop_prob: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
 
 
 @dataclass
 class Config:
     name: str = "quickstart"
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
     output_dir: str = "runs"
     cache_dir: str = ".cache/treegrpo"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -206,7 +225,13 @@ def _check_value(name: str, tp: Any, value: Any) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -231,7 +256,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{dotted}: unknown key{hint}")
         v = _check_value(dotted, hints[key], value)
-        meta = fields[key].metadata
+        meta = {**fields[key].metadata, **(ROLLOUT_BOUNDS.get(key, {}) if cls is RolloutConfig else {})}
         if isinstance(v, int | float) and not isinstance(v, bool):
             if "min" in meta and v < meta["min"]:
                 raise ConfigError(f"{dotted}: must be >= {meta['min']}, got {v}")
@@ -266,6 +291,9 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("model.lora: LoRA needs a pretrained model.path")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty run name without '/'; got {cfg.name!r}")
+    problem = rollout_memory_problem(cfg)
+    if problem:
+        raise ConfigError(f"rollout: {problem}")
     return cfg
 
 
@@ -302,32 +330,44 @@ def preset_names() -> list[str]:
     )
 
 
+NO_PRESET = "none"
+
+
 def load_preset(name: str) -> dict[str, Any]:
+    """A built-in preset's mapping; `none` is the empty mapping (the dataclass defaults only)."""
+    if name == NO_PRESET:
+        return {}
     path = resources.files("treegrpo.presets") / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"--preset {name}: unknown preset; choose from {', '.join(preset_names())}")
+        raise ConfigError(
+            f"--preset {name}: unknown preset; choose from {', '.join([*preset_names(), NO_PRESET])}"
+        )
     return yaml.safe_load(path.read_text()) or {}
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
-) -> Config:
-    """Preset (default `quickstart`) ← YAML file ← `--set` overrides, then validated."""
-    data: dict[str, Any] = load_preset(preset or "quickstart") if (preset or not path) else {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        data = _merge(data, loaded or {})
-    for item in overrides or []:
+def _task_of(data: dict[str, Any]) -> Any:
+    section = data.get("data")
+    return section.get("task", DataConfig.task) if isinstance(section, dict) else DataConfig.task
+
+
+def _apply_layer(data: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """Merge one layer (file, or all --set overrides) over `data`.
+
+    `data.task_kwargs` belong to their task: a layer that switches `data.task` starts from no kwargs
+    (plus its own), so `--set data.task=factbook` does not inherit synthetic-kb's `n_entities`.
+    """
+    section = layer.get("data")
+    switches = isinstance(section, dict) and "task" in section and section["task"] != _task_of(data)
+    if switches and isinstance(data.get("data"), dict):
+        data = {**data, "data": {k: v for k, v in data["data"].items() if k != "task_kwargs"}}
+    return _merge(data, layer)
+
+
+def _overrides_layer(overrides: list[str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for item in overrides:
         keys, value = parse_override(item)
-        cur = data
+        cur = layer
         for k in keys[:-1]:
             nxt = cur.get(k)
             if not isinstance(nxt, dict):
@@ -335,4 +375,35 @@ def load_config(
                 cur[k] = nxt
             cur = nxt
         cur[keys[-1]] = value
+    return layer
+
+
+def _read_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return loaded or {}
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
+) -> Config:
+    """Preset ← YAML file ← `--set` overrides (each merged key by key over the one before), validated.
+
+    The preset is `preset`, else the file's top-level `preset:` key, else `quickstart`; `none` starts
+    from the dataclass defaults. A file holding only `name: x` is the preset under another name.
+    """
+    loaded = _read_file(path) if path else {}
+    file_preset = loaded.pop("preset", None)
+    if file_preset is not None and not isinstance(file_preset, str):
+        raise ConfigError(f"preset: expected a preset name, got {file_preset!r}")
+    data = load_preset(preset or file_preset or "quickstart")
+    data = _apply_layer(data, loaded)
+    data = _apply_layer(data, _overrides_layer(overrides or []))
     return _validate(_build(Config, data))

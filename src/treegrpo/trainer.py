@@ -32,7 +32,6 @@ from treegrpo.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from treegrpo.commands import evaluate_cli, rollout_cli  # noqa: F401  (cli.py imports them from here)
 from treegrpo.config import Config
 from treegrpo.data import batch_rows, group_ids_of
 from treegrpo.distributed import DistContext

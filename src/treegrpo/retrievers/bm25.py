@@ -1,8 +1,9 @@
 """BM25 over a local corpus with ``bm25s`` (numpy only, no Java).
 
-The index is built once and saved next to the corpus (``<corpus>.bm25s/``) with a manifest of the
-corpus file's size and mtime, so later runs (and every worker sharing the file) reload it instead of
-re-indexing; a changed corpus is re-indexed. Saving is best effort: a read-only directory only costs
+The index is built once and saved in the cache directory (``<cache_dir>/bm25/<corpus name>-<hash of
+its path>/``, never next to the corpus, whose directory may be read-only or shared) with a manifest of
+the corpus file's size and mtime, so later runs (and every worker sharing the cache) reload it instead
+of re-indexing; a changed corpus is re-indexed. Saving is best effort: an unwritable cache only costs
 the reuse.
 """
 
@@ -38,12 +39,25 @@ def tokenize(text: str) -> list[str]:
     return [t for t in _TOKEN_RE.findall(text.lower()) if t not in _STOP]
 
 
+DEFAULT_CACHE_DIR = ".cache/treegrpo"  # the default `cache_dir` of a run config
+
+
+def index_dir_for(corpus_path: str | Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """Where the index of `corpus_path` lives: one directory per corpus file (by resolved path)."""
+    resolved = Path(corpus_path).resolve()
+    key = hashlib.sha256(str(resolved).encode("utf-8")).hexdigest()[:12]
+    return Path(cache_dir) / "bm25" / f"{resolved.name}-{key}"
+
+
 def _doc_text(doc: dict[str, str]) -> str:
     return f"{doc.get('title', '')}\n{doc.get('text', '')}"
 
 
 class BM25Retriever:
-    """In-process BM25 retriever. Give ``docs`` (``[{"id","title","text"}]``) or ``corpus_path``."""
+    """In-process BM25 retriever. Give ``docs`` (``[{"id","title","text"}]``) or ``corpus_path``.
+
+    A corpus file's index is cached under ``cache_dir`` unless ``index_dir`` names the place.
+    """
 
     def __init__(
         self,
@@ -52,6 +66,7 @@ class BM25Retriever:
         index_dir: str | Path | None = None,
         k1: float = 1.5,
         b: float = 0.75,
+        cache_dir: str | Path = DEFAULT_CACHE_DIR,
     ) -> None:
         if (docs is None) == (corpus_path is None):
             raise ValueError("BM25Retriever needs exactly one of docs= or corpus_path=")
@@ -62,7 +77,7 @@ class BM25Retriever:
             st = corpus_path.stat()
             fingerprint = f"file:{st.st_size}:{st.st_mtime_ns}"
             if index_dir is None:
-                index_dir = corpus_path.with_name(corpus_path.name + ".bm25s")
+                index_dir = index_dir_for(corpus_path, cache_dir)
         else:
             self.docs = self._check_docs(docs or [])
             h = hashlib.sha256()
@@ -159,4 +174,4 @@ class BM25Retriever:
         return results
 
 
-__all__ = ["BM25Retriever", "tokenize"]
+__all__ = ["DEFAULT_CACHE_DIR", "BM25Retriever", "index_dir_for", "tokenize"]

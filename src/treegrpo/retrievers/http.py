@@ -55,7 +55,8 @@ def parse_response(payload: Any, n_queries: int, topk: int) -> list[list[Passage
 
 
 class HTTPRetriever:
-    """Remote retriever: one POST per ``search`` call, carrying every query of the step."""
+    """Remote retriever: one POST per ``search`` call carrying every query of the step, split into
+    requests of at most ``max_batch`` queries (servers bound the queries per request; ours at 4096)."""
 
     def __init__(
         self,
@@ -64,7 +65,11 @@ class HTTPRetriever:
         max_retries: int = 3,
         backoff: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
+        max_batch: int = 1024,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = int(max_batch)
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         if max_retries < 0:
@@ -92,6 +97,11 @@ class HTTPRetriever:
         queries = [str(q) for q in queries]
         if not queries:
             return []
+        if len(queries) > self.max_batch:
+            out: list[list[Passage]] = []
+            for s in range(0, len(queries), self.max_batch):
+                out.extend(self.search(queries[s : s + self.max_batch], topk))
+            return out
         body = json.dumps({"queries": queries, "topk": topk, "return_scores": True}).encode("utf-8")
         last = "no attempt made"
         attempts = 1 + self.max_retries
