@@ -59,9 +59,7 @@ STRATEGIES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "chain(2)": ({"strategy": "chain", "num_generations": 2}, ("grpo",)),
 }
 BUDGET_KEYS = ("generated_tokens", "trajectories", "sequences_generated", "tool_calls")
-PLANTED_TASK = (
-    "{seed: 0, n_entities: 300, max_hops: 3, train_hops: 2, eval_hops: 2, guess_prob: 0.25, distractor_prob: 0.25}"
-)
+PLANTED_TASK = "{seed: 0, n_entities: 300, max_hops: 3, train_hops: 2, eval_hops: 2, guess_prob: 0.25, distractor_prob: 0.25}"
 
 
 def entry_names() -> list[str]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from treegrpo.advantage import ESTIMATORS, compute_advantages, node_value_advantages
-from treegrpo.loss import leaf_weights
 from treegrpo.tree import Forest, leaf_arrays
 
 NODE_VALUE = "node_value"
@@ -59,6 +58,8 @@ def step_credit(
                 local = node_value_advantages(tree)["local"]
                 out.update({StepKey(fi, ti, n.id): float(local[n.id]) for n in tree.nodes[1:]})
         return out
+    from treegrpo.loss import leaf_weights  # torch: imported only when credit is computed
+
     rewards, groups, tree_ids = leaf_arrays(forests)
     adv = compute_advantages(rewards, groups, tree_ids, estimator, eps)
     counts: list[int] = []

@@ -49,6 +49,11 @@ def credit_by_depth(
     for est in estimators:
         recs = step_records(forests, truth, est, loss_agg_mode)
         out[est] = by_depth(
-            [r.depth for r in recs], [r.credit for r in recs], [r.a_star for r in recs], [r.se for r in recs], z_sign, z_zero
+            [r.depth for r in recs],
+            [r.credit for r in recs],
+            [r.a_star for r in recs],
+            [r.se for r in recs],
+            z_sign,
+            z_zero,
         )
     return out

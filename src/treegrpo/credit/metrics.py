@@ -89,7 +89,10 @@ def by_depth(
     """`depth_metrics` per step depth, keyed "0", "1", ... (JSON keys)."""
     d = np.asarray(depths, dtype=np.int64)
     c, a, s = (np.asarray(v, dtype=np.float64) for v in (credit, a_star, se))
-    return {str(k): depth_metrics(c[d == k], a[d == k], s[d == k], z_sign, z_zero) for k in sorted(set(d.tolist()))}
+    return {
+        str(k): depth_metrics(c[d == k], a[d == k], s[d == k], z_sign, z_zero)
+        for k in sorted(set(d.tolist()))
+    }
 
 
 def aggregate(runs: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:

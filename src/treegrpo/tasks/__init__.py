@@ -88,7 +88,9 @@ def _build_synthetic_kb(
             s: {h: kb.count(s, h) for h in range(1, max_hops + 1)} for s in ("train", "eval")
         },
     }
-    planted = {k: float(v) for k, v in (("guess_prob", guess_prob), ("distractor_prob", distractor_prob)) if v}
+    planted = {
+        k: float(v) for k, v in (("guess_prob", guess_prob), ("distractor_prob", distractor_prob)) if v
+    }
     return Task("synthetic-kb", kb.corpus(), train, evals, source=kb, info=info, planted=planted)
 
 

@@ -373,7 +373,9 @@ def guess_steps(row: Mapping[str, Any]) -> list[str]:
     """The planted early mistake: answer at the first step without searching (the question's own name)."""
     plan = row_plan(row)
     guess = row.get("chain", [None])[0] or plan[0]["value"]
-    return [f"<think> I think I know {plan[-1]['need']}. So the answer is {guess}. </think>\n<answer> {guess} </answer>"]
+    return [
+        f"<think> I think I know {plan[-1]['need']}. So the answer is {guess}. </think>\n<answer> {guess} </answer>"
+    ]
 
 
 def distractor_steps(row: Mapping[str, Any]) -> list[str]:
@@ -405,7 +407,11 @@ def make_demonstrations(
     `distractor_prob` a full demo answers the other name of the last retrieved document (a mistake at
     the last step, "which of two retrieved names"). The three mistakes are exclusive per demo.
     """
-    for name, p in (("early_stop_prob", early_stop_prob), ("guess_prob", guess_prob), ("distractor_prob", distractor_prob)):
+    for name, p in (
+        ("early_stop_prob", early_stop_prob),
+        ("guess_prob", guess_prob),
+        ("distractor_prob", distractor_prob),
+    ):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
     if guess_prob + distractor_prob > 1.0:
