@@ -30,14 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from treegrpo.credit import (
-    NODE_VALUE,
-    ValueCache,
-    aggregate,
-    credit_by_depth,
-    mc_values,
-    step_truth,
-)
+from treegrpo.credit import NODE_VALUE, ValueCache, aggregate, by_depth, mc_values, step_records, step_truth
 from treegrpo.errors import UserError
 from treegrpo.rollout import RolloutConfig, sample_forests
 from treegrpo.tree import ActionKind, Forest
@@ -95,9 +88,18 @@ def _mistakes(forests: Sequence[Forest], rows: Sequence[dict[str, Any]]) -> dict
 
 
 def run_seed(
-    seed: int, rows: list[dict[str, Any]], policy: Any, env: Any, base: RolloutConfig, k: int
+    seed: int,
+    rows: list[dict[str, Any]],
+    policy: Any,
+    env: Any,
+    base: RolloutConfig,
+    k: int,
+    steps: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]], dict[str, Any]]:
-    """One seed: per entry name its by_depth table, per strategy its per-prompt budget, and stats."""
+    """One seed: per entry name its by_depth table, per strategy its per-prompt budget, and stats.
+
+    `steps`, when given, collects every step record (to recompute metrics without new rollouts).
+    """
     cache = ValueCache()
     gids = [f"credit/s{seed}/{i}" for i in range(len(rows))]
     tables: dict[str, dict[str, Any]] = {}
@@ -109,9 +111,23 @@ def run_seed(
         res = sample_forests(rows, gids, policy, env, cfg, rng=np.random.default_rng([seed, si]))
         values = mc_values(res.forests, policy, env, k, mc_cfg, cache)
         truth = step_truth(res.forests, values)
-        per = credit_by_depth(res.forests, truth, ests)
         for i, est in enumerate(ests):
-            tables[name if i == 0 else f"{name}/{est}"] = per[est]
+            entry = name if i == 0 else f"{name}/{est}"
+            recs = step_records(res.forests, truth, est)
+            cols = ([r.depth for r in recs], [r.credit for r in recs], [r.a_star for r in recs])
+            tables[entry] = by_depth(*cols, [r.se for r in recs])
+            if steps is not None:
+                steps.extend(
+                    {
+                        "seed": seed,
+                        "entry": entry,
+                        "depth": r.depth,
+                        "credit": r.credit,
+                        "a_star": r.a_star,
+                        "se": r.se,
+                    }
+                    for r in recs
+                )
         budgets[name] = {key: float(np.mean([p.get(key, 0) for p in res.per_prompt])) for key in BUDGET_KEYS}
         if name == "chain":
             stats["policy_mistake_rates"] = _mistakes(res.forests, rows)
@@ -170,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preset", default="quickstart")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--save-steps", help="also write every step record (depth, credit, A*, SE) as JSON here")
     args = ap.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else (2 if args.quick else 3)
     questions = args.questions if args.questions is not None else (40 if args.quick else 8)
@@ -179,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     full = None if args.quick else FullParts(args.preset, args.sets)
     per_seed: list[tuple[dict, dict, dict]] = []
+    steps: list[dict[str, Any]] | None = [] if args.save_steps else None
     setup: dict[str, Any] = {}
     for seed in range(seeds):
         if full is None:
@@ -192,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model": f"{args.preset} tiny model, warm start {full.parts.warmstart.get('params', '')} params",
                 "temperature": full.cfg.policy.temperature,
             }
-        per_seed.append(run_seed(seed, rows, policy, env, base, k))
+        per_seed.append(run_seed(seed, rows, policy, env, base, k, steps))
         print(f"seed {seed} done at {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     names = entry_names()
     budgets = _mean_budget([b for _, b, _ in per_seed])
@@ -211,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "k": k,
             "loss_agg_mode": "token-mean",
             "sign_threshold_se": 1.0,
+            "min_steps_for_correlation": 3,
             "zero_threshold_se": 2.0,
             "per_seed_stats": [s for _, _, s in per_seed],
             "seconds": round(time.perf_counter() - t0, 1),
@@ -220,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ("credit_quick.json" if args.quick else "credit.json")).write_text(json.dumps(result, indent=2))
+    if args.save_steps:
+        Path(args.save_steps).write_text(json.dumps(steps))
     if args.json:
         print(json.dumps(result))
     else:

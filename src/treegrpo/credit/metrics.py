@@ -4,8 +4,10 @@ All metrics are invariant to a positive rescaling of the credit (the loss normal
 and return None, never NaN or a crash, when they are undefined (too few steps, constant values).
 
 - spearman / pearson: rank and linear correlation of credit with A*;
-- sign_agreement: on steps whose |A*| exceeds `z_sign` (1) standard errors, the share whose credit has
-  A*'s sign (a credit of exactly 0 does not agree);
+- sign_agreement: on steps whose |A*| exceeds `z_sign` (1) standard errors and whose credit is not 0,
+  the share whose credit has A*'s sign (is the supervision that is given right?);
+- signed_share: the share of those significant steps that get any credit at all (a group whose rewards
+  all tie gives 0; a credit below 1e-9 of the largest is rounding and counts as 0);
 - wasted_share: the share of Σ|credit| spent on steps whose A* is indistinguishable from 0: within
   `z_zero` (2, about 95%) standard errors of it (A* = 0 with SE = 0 included);
 - snr: energy of the credit along A* over the energy orthogonal to it, c = βa + e:
@@ -20,7 +22,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-METRICS = ("n_steps", "spearman", "pearson", "sign_agreement", "wasted_share", "snr")
+METRICS = ("n_steps", "spearman", "pearson", "sign_agreement", "signed_share", "wasted_share", "snr")
+MIN_STEPS = 3  # correlations and snr of one or two steps are trivially ±1 / parallel: reported as None
 SNR_CAP = 1e6  # a credit exactly proportional to A* has infinite snr; JSON has no infinity
 
 
@@ -64,12 +67,20 @@ def depth_metrics(
         raise ValueError(f"credit, a_star and se must have one shape, got {c.shape}, {a.shape}, {s.shape}")
     real = (np.abs(a) > z_sign * s) & (a != 0.0)
     zero = (np.abs(a) <= z_zero * s) | (a == 0.0)
-    out: dict[str, Any] = {"n_steps": int(c.size), "spearman": spearman(c, a), "pearson": pearson(c, a)}
-    out["sign_agreement"] = float((np.sign(c[real]) == np.sign(a[real])).mean()) if real.any() else None
+    enough = c.size >= MIN_STEPS
+    out: dict[str, Any] = {
+        "n_steps": int(c.size),
+        "spearman": spearman(c, a) if enough else None,
+        "pearson": pearson(c, a) if enough else None,
+    }
+    given = np.abs(c) > 1e-9 * float(np.abs(c).max()) if c.size else np.zeros(0, dtype=bool)
+    judged = real & given
+    out["sign_agreement"] = float((np.sign(c[judged]) == np.sign(a[judged])).mean()) if judged.any() else None
+    out["signed_share"] = float(given[real].mean()) if real.any() else None
     total = float(np.abs(c).sum())
     out["wasted_share"] = float(np.abs(c[zero]).sum() / total) if total > 0 else None
     aa, cc = float(a @ a), float(c @ c)
-    if aa > 0 and cc > 0:
+    if enough and aa > 0 and cc > 0:
         along = float(c @ a) ** 2 / aa
         noise = max(cc - along, 0.0)
         out["snr"] = float(min(along / noise, SNR_CAP)) if noise > 1e-12 * cc else SNR_CAP

@@ -242,14 +242,14 @@ class SyntheticKB:
                 splits[split].setdefault(hops, []).append(row)
         return splits
 
-    def _distractor(self, chain: Sequence[str]) -> str:
-        """Another name in the last hop's document (a different relation of the same subject).
+    @staticmethod
+    def _distractor(chain: Sequence[str]) -> str:
+        """The other name of the last retrieved fact ("the R of S is O": S instead of O).
 
-        What a planted late mistake answers instead of the gold: a name the agent did retrieve.
+        What a planted late mistake answers instead of the gold: a name the agent did retrieve, as easy
+        to copy as the gold, so a warm start imitates the mistake instead of averaging it away.
         """
-        subject, gold = chain[-2], chain[-1]
-        others = sorted(o for o in self.entities[subject].relations.values() if o != gold)
-        return others[0] if others else subject
+        return chain[-2]
 
     def count(self, split: str, hops: int) -> int:
         return len(self._splits.get(split, {}).get(hops, []))
