@@ -157,11 +157,11 @@ def test_chain_credit_is_constant_along_a_trajectory_and_the_metric_shows_it() -
     exact = _exact_truth(forests, env, p_good)
     table = credit_by_depth(forests, exact, ["grpo"])["grpo"]
     assert table["0"]["wasted_share"] == 1.0 and table["1"]["wasted_share"] == 1.0
-    # Every non-zero last-step credit has A*'s sign; a group whose 4 rewards tie gives 0 (no agreement).
+    # Every non-zero last-step credit has A*'s sign; a group whose 4 rewards tie gives 0 (no credit).
     last = [credit[k] for k, d in generated_steps(forests) if d == 2]
-    assert table["2"]["wasted_share"] == 0.0
-    assert table["2"]["sign_agreement"] == pytest.approx(np.mean([c != 0 for c in last]))
-    assert 0.7 < table["2"]["sign_agreement"] < 1.0
+    assert table["2"]["wasted_share"] == 0.0 and table["2"]["sign_agreement"] == 1.0
+    assert table["2"]["signed_share"] == pytest.approx(np.mean([c != 0 for c in last]))
+    assert 0.7 < table["2"]["signed_share"] < 1.0
     assert table["0"]["spearman"] is None  # A* = 0 exactly: nothing to correlate with
     # A tree branching only at the decisive step puts no intra-tree credit on the shared steps.
     tree_cfg = RolloutConfig(strategy="fixed_depth", fixed_depth=2, m=2, n=2, l=1)
@@ -171,7 +171,8 @@ def test_chain_credit_is_constant_along_a_trajectory_and_the_metric_shows_it() -
     t_first = [abs(t_credit[k]) for k, d in generated_steps(t_forests) if d == 0]
     t_last = [t_credit[k] for k, d in generated_steps(t_forests) if d == 2]
     assert sum(t_first) < 1e-12 * sum(abs(c) for c in t_last)  # intra z-scores sum to 0 in a tree
-    assert t_table["2"]["sign_agreement"] == pytest.approx(np.mean([c != 0 for c in t_last]))
+    assert t_table["2"]["sign_agreement"] == 1.0
+    assert t_table["2"]["signed_share"] == pytest.approx(np.mean([c != 0 for c in t_last]))
 
 
 def test_node_value_credit_and_every_estimator_run() -> None:
@@ -201,15 +202,22 @@ def test_metrics_values_and_degenerate_cases() -> None:
     m = depth_metrics([1.0, 1.0, -1.0, 1.0], a, se)
     assert m["wasted_share"] == pytest.approx(0.25) and m["sign_agreement"] == pytest.approx(1 / 3)
     # snr: c = a + e with e ⟂ a, |e|² = |a|² → snr 1.
-    m = depth_metrics([1.0, 1.0], [1.0, 0.0], [0.0, 0.0])
+    m = depth_metrics([1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0])
     assert m["snr"] == pytest.approx(1.0)
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)  # scipy's value
     # Degenerate: constants, a single step, no significant step, zero credit.
     assert pearson([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2, 3], [5, 5, 5]) is None
     one = depth_metrics([1.0], [1.0], [0.0])
-    assert one["spearman"] is None and one["pearson"] is None and one["sign_agreement"] == 1.0
+    assert one["spearman"] is None and one["pearson"] is None and one["snr"] is None
+    assert one["sign_agreement"] == 1.0 and one["signed_share"] == 1.0
+    two = depth_metrics([1.0, 2.0], [1.0, 3.0], [0.0, 0.0])
+    assert two["pearson"] is None  # two points always lie on a line
+    # A significant step that gets no credit: not a wrong sign, but no supervision.
+    silent = depth_metrics([0.0, 1.0, 1e-20], [1.0, 1.0, -1.0], [0.1, 0.1, 0.1])
+    assert silent["sign_agreement"] == 1.0 and silent["signed_share"] == pytest.approx(1 / 3)
     zero = depth_metrics([0.0, 0.0], [0.0, 0.0], [0.1, 0.1])
     assert zero["sign_agreement"] is None and zero["wasted_share"] is None and zero["snr"] is None
+    assert zero["signed_share"] is None
     empty = depth_metrics([], [], [])
     assert empty["n_steps"] == 0 and all(empty[k] is None for k in ("spearman", "sign_agreement", "snr"))
     json.dumps(zero)  # no NaN, no infinity
@@ -218,10 +226,10 @@ def test_metrics_values_and_degenerate_cases() -> None:
 
 
 def test_by_depth_and_aggregate_over_seeds() -> None:
-    t1 = by_depth([0, 0, 1, 1], [1.0, -1.0, 1.0, 2.0], [1.0, -1.0, 0.5, 1.0], [0.1] * 4)
+    t1 = by_depth([0, 0, 1, 1, 1], [1.0, -1.0, 1.0, 2.0, 3.0], [1.0, -1.0, 0.5, 1.0, 2.0], [0.1] * 5)
     t2 = by_depth([0, 0, 1], [1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [0.1] * 3)
     agg = aggregate([t1, t2])
-    assert agg["0"]["n_steps"] == 4 and agg["1"]["n_steps"] == 3
+    assert agg["0"]["n_steps"] == 4 and agg["1"]["n_steps"] == 4
     assert agg["0"]["sign_agreement"] == pytest.approx(0.75)  # mean of 1.0 and 0.5
     assert agg["0"]["sd"]["sign_agreement"] == pytest.approx(np.std([1.0, 0.5], ddof=1))
     assert agg["1"]["spearman"] == pytest.approx(1.0) and agg["1"]["seeds"]["spearman"] == 1
