@@ -32,6 +32,7 @@ import numpy as np
 
 from treegrpo.credit import NODE_VALUE, ValueCache, aggregate, by_depth, mc_values, step_records, step_truth
 from treegrpo.errors import UserError
+from treegrpo.rewards import exact_match, extract_answer
 from treegrpo.rollout import RolloutConfig, sample_forests
 from treegrpo.tree import ActionKind, Forest
 
@@ -66,22 +67,29 @@ def _rollout_cfg(base: RolloutConfig, shape: dict[str, Any]) -> RolloutConfig:
     return cfg
 
 
-def _mistakes(forests: Sequence[Forest], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Planted-mistake rates of the sampled policy, from chains: answering at step 0, and distractors."""
-    guess = dist = finals = 0
-    n = 0
+def mistake_rates(forests: Sequence[Forest], rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Planted-mistake rates of the sampled policy, from its chains (the first tree of each forest on).
+
+    guess: answers at step 0; early_stop: answers after fewer searches than hops (not planted here);
+    distractor: among answers given after all the searches, the share naming the distractor.
+    """
+    guess = early = dist = finals = n = 0
     for f, row in zip(forests, rows, strict=True):
+        hops = len(row.get("path", [])) or 1
         for t in f.trees:
             n += 1
-            first = t.nodes[1] if len(t.nodes) > 1 else None
-            guess += int(first is not None and first.action == ActionKind.ANSWER)
             leaf = t.leaves()[0]
-            if leaf.action == ActionKind.ANSWER and leaf.depth >= 2:
+            if leaf.action != ActionKind.ANSWER:
+                continue
+            guess += int(leaf.depth == 1)
+            early += int(1 < leaf.depth <= hops)
+            if leaf.depth > hops:
                 finals += 1
                 d = str(row.get("distractor", ""))
-                dist += int(bool(d) and f"<answer> {d} </answer>" in leaf.text)
+                dist += int(bool(d) and exact_match(extract_answer(leaf.text), [d]) == 1.0)
     return {
         "guess_at_step0": guess / max(n, 1),
+        "early_stop": early / max(n, 1),
         "distractor_at_last_step": dist / max(finals, 1),
         "chains": n,
     }
@@ -130,7 +138,7 @@ def run_seed(
                 )
         budgets[name] = {key: float(np.mean([p.get(key, 0) for p in res.per_prompt])) for key in BUDGET_KEYS}
         if name == "chain":
-            stats["policy_mistake_rates"] = _mistakes(res.forests, rows)
+            stats["policy_mistake_rates"] = mistake_rates(res.forests, rows)
     stats["mc_generated_tokens"] = cache.generated_tokens
     return tables, budgets, stats
 
@@ -159,8 +167,9 @@ class FullParts:
         from treegrpo.config import load_config
         from treegrpo.trainer import make_policy
 
-        overrides = [f"data.task_kwargs={PLANTED_TASK}", "warmstart.early_stop_prob=0.0", *sets]
-        self.cfg = load_config(None, overrides, preset)
+        self.preset = preset
+        self.overrides = [f"data.task_kwargs={PLANTED_TASK}", "warmstart.early_stop_prob=0.0", *sets]
+        self.cfg = load_config(None, self.overrides, preset)
         self.parts = build_run(self.cfg, log=lambda s: print(s, file=sys.stderr))
         self.make_policy = make_policy
         base = copy.deepcopy(self.cfg.rollout)
