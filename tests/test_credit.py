@@ -344,3 +344,32 @@ def test_planted_mistakes_sit_at_known_depths() -> None:
     assert {d.mistake for d in plain} <= {"", "early_stop"}
     with pytest.raises(ValueError, match="guess_prob"):
         build_task("synthetic-kb", n_entities=60, guess_prob=1.5)
+
+
+def test_benchmark_counts_planted_mistakes_at_their_depths() -> None:
+    import importlib.util
+
+    from treegrpo.tree import ActionKind, Forest, Tree
+
+    spec = importlib.util.spec_from_file_location("bench_credit", ROOT / "benchmarks" / "credit.py")
+    assert spec and spec.loader
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    row = {"path": ["founder", "birthplace"], "chain": ["A", "B", "C"], "distractor": "B"}
+
+    def chain(*steps: tuple[ActionKind, str]) -> Tree:
+        t = Tree.new("g", 0, [1])
+        for i, (kind, text) in enumerate(steps):
+            t.add_child(len(t.nodes) - 1, text=text, action=kind, is_leaf=i == len(steps) - 1, reward=0.0)
+        return t
+
+    s = (ActionKind.SEARCH, "<search> q </search>")
+    trees = [
+        chain((ActionKind.ANSWER, "<answer> A </answer>")),  # guess at step 0
+        chain(s, (ActionKind.ANSWER, "<answer> B </answer>")),  # stops one hop early
+        chain(s, s, (ActionKind.ANSWER, "<answer> b </answer>")),  # all searches, then the distractor
+        chain(s, s, (ActionKind.ANSWER, "<answer> C </answer>")),  # right
+    ]
+    rates = bench.mistake_rates([Forest("g", trees)], [row])
+    assert rates == {"guess_at_step0": 0.25, "early_stop": 0.25, "distractor_at_last_step": 0.5, "chains": 4}
