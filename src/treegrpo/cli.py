@@ -1,4 +1,4 @@
-"""`treegrpo` command line: train, eval, rollout, serve-retriever, config show.
+"""`treegrpo` command line: train, eval, rollout, report, credit, serve-retriever, config show.
 
 User-facing errors (bad config, data, paths, unreachable services) print one line and exit 2;
 `--debug` shows the traceback instead.
@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report.html and print a text summary")
     p.add_argument("run_dir", help="a run directory (runs/<name>)")
 
+    p = sub.add_parser(
+        "credit", help="measure per-step credit against Monte-Carlo truth; writes RUN_DIR/credit.json"
+    )
+    p.add_argument("run_dir", help="a run directory (runs/<name>); its latest checkpoint is used")
+    p.add_argument("--k", type=int, default=16, help="extra rollouts per node for its value (default 16)")
+    p.add_argument(
+        "--prompts", type=int, default=8, help="training prompts to sample forests for (default 8)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("serve-retriever", help="serve a BM25 index over the Search-R1 retrieval protocol")
     p.add_argument("--corpus", required=True, help="jsonl corpus ({id,title,text} or {id,contents})")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
@@ -109,6 +119,10 @@ def _run(args: argparse.Namespace) -> int:
         from treegrpo.report import report_cli
 
         return report_cli(args.run_dir)
+    if args.command == "credit":
+        from treegrpo.credit.report import credit_cli
+
+        return credit_cli(args.run_dir, k=args.k, prompts=args.prompts, seed=args.seed)
     if args.command == "serve-retriever":
         from treegrpo.retrievers import BM25Retriever
         from treegrpo.retrievers.server import ServerLimits, bind_socket, serve

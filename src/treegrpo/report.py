@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from treegrpo.credit.report import credit_html, credit_text, load_credit
 from treegrpo.errors import UserError
 from treegrpo.granularity import (
     PREFIX,
@@ -599,6 +600,7 @@ def render_html(run: RunData, max_tree_steps: int = 8, max_prompts: int = 16) ->
     parts.append(f"<img class='plot' alt='granularity' src='data:image/png;base64,{gran}'>")
     if gsum:
         parts.append(_table(_granularity_headline(gsum)))
+    parts.append(credit_html(load_credit(run.run_dir)))
     parts.append("<h2>Tree viewer</h2>")
     if viewer["steps"]:
         parts.append(
@@ -658,6 +660,8 @@ def report_text(run_dir: str | Path | RunData) -> str:
             lines.append(f"  depth {d}: {int(n_bp):>6} branch points, signal share {share:6.1%} {bar}")
     else:
         lines.append("  no granularity data (no saved trees and no granularity/* metrics)")
+    credit = load_credit(run.run_dir)
+    lines.extend(credit_text(credit) if credit else ["  no credit.json (run `treegrpo credit RUN_DIR`)"])
     return "\n".join(lines)
 
 

@@ -250,3 +250,27 @@ def sample_forests(
 
     per_prompt = [forest_budget(f, c) for f, c in zip(forests, counters, strict=True)]
     return RolloutResult(forests, batch_budget(per_prompt, policy_calls=waves), per_prompt)
+
+
+def continue_from(
+    starts: Sequence[tuple[Sequence[int], Any]],
+    policy: Policy,
+    env: Environment,
+    config: RolloutConfig | None = None,
+) -> tuple[list[float], int]:
+    """Run one fresh branch from each (context ids, environment state) to a leaf, all batched.
+
+    Returns the final reward of each branch and the tokens generated in all. Used for Monte-Carlo
+    node values (`treegrpo.credit`): a node's state is an immutable value, so continuing from it is
+    just stepping it again, exactly as an expansion does.
+    """
+    cfg = config or RolloutConfig()
+    trees = [Tree.new("continue", i, list(ctx), state=st) for i, (ctx, st) in enumerate(starts)]
+    branches = [_Branch(0, t, 0, list(ctx), st) for t, (ctx, st) in zip(trees, starts, strict=True)]
+    _run_waves(branches, policy, env, cfg, [dict.fromkeys(SAMPLER_KEYS, 0)])
+    rewards, tokens = [], 0
+    for t in trees:
+        leaf = t.leaves()[-1]
+        rewards.append(float(leaf.reward) if leaf.reward is not None else 0.0)
+        tokens += sum(len(n.token_ids) for n in t.nodes[1:])
+    return rewards, tokens

@@ -33,6 +33,7 @@ class Task:
     eval_rows: list[dict[str, Any]]
     source: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    planted: dict[str, float] = field(default_factory=dict)  # planted warm-start mistakes (guess_prob, ...)
 
     def demonstrations(
         self,
@@ -48,7 +49,9 @@ class Task:
         rows = list(self.train_rows if rows is None else rows)
         if n is not None:
             rows = rows[:n]
-        return make_demonstrations(rows, early_stop_prob=early_stop_prob, rng=random.Random(seed))
+        return make_demonstrations(
+            rows, early_stop_prob=early_stop_prob, rng=random.Random(seed), **self.planted
+        )
 
 
 def _hops_list(hops: int | Sequence[int] | None, max_hops: int) -> list[int]:
@@ -66,7 +69,15 @@ def _build_synthetic_kb(
     train_hops: int | Sequence[int] | None = None,
     eval_hops: int | Sequence[int] | None = None,
     eval_fraction: float = 0.2,
+    guess_prob: float = 0.0,
+    distractor_prob: float = 0.0,
 ) -> Task:
+    """`guess_prob` / `distractor_prob` plant warm-start mistakes at known depths (see make_demonstrations)."""
+    for name, p in (("guess_prob", guess_prob), ("distractor_prob", distractor_prob)):
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    if guess_prob + distractor_prob > 1.0:
+        raise ValueError("guess_prob + distractor_prob must be <= 1")
     kb = SyntheticKB(seed=seed, n_entities=n_entities, max_hops=max_hops, eval_fraction=eval_fraction)
     train = kb.questions("train", n_train, _hops_list(train_hops, max_hops))
     evals = kb.questions("eval", n_eval, _hops_list(eval_hops, max_hops))
@@ -77,7 +88,10 @@ def _build_synthetic_kb(
             s: {h: kb.count(s, h) for h in range(1, max_hops + 1)} for s in ("train", "eval")
         },
     }
-    return Task("synthetic-kb", kb.corpus(), train, evals, source=kb, info=info)
+    planted = {
+        k: float(v) for k, v in (("guess_prob", guess_prob), ("distractor_prob", distractor_prob)) if v
+    }
+    return Task("synthetic-kb", kb.corpus(), train, evals, source=kb, info=info, planted=planted)
 
 
 def _build_factbook(

@@ -236,10 +236,20 @@ class SyntheticKB:
                     "split": split,
                     "path": list(path),
                     "chain": list(chain),
+                    "distractor": self._distractor(chain),
                 }
                 index += 1
                 splits[split].setdefault(hops, []).append(row)
         return splits
+
+    @staticmethod
+    def _distractor(chain: Sequence[str]) -> str:
+        """The other name of the last retrieved fact ("the R of S is O": S instead of O).
+
+        What a planted late mistake answers instead of the gold: a name the agent did retrieve, as easy
+        to copy as the gold, so a warm start imitates the mistake instead of averaging it away.
+        """
+        return chain[-2]
 
     def count(self, split: str, hops: int) -> int:
         return len(self._splits.get(split, {}).get(hops, []))
@@ -268,8 +278,12 @@ class SyntheticKB:
         rows: Sequence[Mapping[str, Any]],
         early_stop_prob: float = 0.0,
         rng: random.Random | None = None,
+        guess_prob: float = 0.0,
+        distractor_prob: float = 0.0,
     ) -> list[Demonstration]:
-        return make_demonstrations(rows, early_stop_prob=early_stop_prob, rng=rng)
+        return make_demonstrations(
+            rows, early_stop_prob, rng, guess_prob=guess_prob, distractor_prob=distractor_prob
+        )
 
 
 # ---- demonstrations: pure functions of a row (any task whose rows carry a plan, or path + chain) ------
@@ -295,6 +309,7 @@ class Demonstration:
     steps: list[str]
     early_stop: bool = False
     correct: bool = True
+    mistake: str = ""  # planted mistake: "" (none), "early_stop", "guess" (depth 0), "distractor" (last step)
 
 
 def row_plan(row: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -354,22 +369,76 @@ def oracle_steps(row: Mapping[str, Any]) -> list[str]:
     return render_steps(plan, len(plan))
 
 
+def guess_steps(row: Mapping[str, Any]) -> list[str]:
+    """The planted early mistake: answer at the first step without searching (the question's own name)."""
+    plan = row_plan(row)
+    guess = row.get("chain", [None])[0] or plan[0]["value"]
+    return [
+        f"<think> I think I know {plan[-1]['need']}. So the answer is {guess}. </think>\n<answer> {guess} </answer>"
+    ]
+
+
+def distractor_steps(row: Mapping[str, Any]) -> list[str]:
+    """The planted late mistake: every search right, then the other name of the last document answered."""
+    plan = row_plan(row)
+    steps = render_steps(plan, len(plan))
+    wrong = str(row.get("distractor") or plan[-1]["value"])
+    last = plan[-1]
+    think = f"The information says {last['fact']}. So the answer is {wrong}."
+    steps[-1] = f"<think> {think} </think>\n<answer> {wrong} </answer>"
+    return steps
+
+
 def make_demonstrations(
-    rows: Sequence[Mapping[str, Any]], early_stop_prob: float = 0.0, rng: random.Random | None = None
+    rows: Sequence[Mapping[str, Any]],
+    early_stop_prob: float = 0.0,
+    rng: random.Random | None = None,
+    guess_prob: float = 0.0,
+    distractor_prob: float = 0.0,
 ) -> list[Demonstration]:
     """Warm-start demos; with prob. `early_stop_prob` a multi-hop demo stops one hop early.
 
     Why imperfect: RL can only improve on mistakes that sampling sometimes avoids (SPEC §11). A model
     trained on a mix of full and one-hop-short demos still issues the last search some of the time, so
     the tree's sibling comparison has both outcomes to learn from. One-hop questions are never cut.
+
+    Planted decisions (for measuring credit by depth): with prob. `guess_prob` a demo answers at its
+    first step without searching (a mistake at step depth 0, "whether to search at all"); with prob.
+    `distractor_prob` a full demo answers the other name of the last retrieved document (a mistake at
+    the last step, "which of two retrieved names"). The three mistakes are exclusive per demo.
     """
-    if not 0.0 <= early_stop_prob <= 1.0:
-        raise ValueError(f"early_stop_prob must be in [0, 1], got {early_stop_prob}")
+    for name, p in (
+        ("early_stop_prob", early_stop_prob),
+        ("guess_prob", guess_prob),
+        ("distractor_prob", distractor_prob),
+    ):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    if guess_prob + distractor_prob > 1.0:
+        raise ValueError(f"guess_prob + distractor_prob must be <= 1, got {guess_prob + distractor_prob}")
     rng = rng or random.Random(0)
     demos = []
     for row in rows:
         plan = row_plan(row)
+        if guess_prob or distractor_prob:
+            u = rng.random()
+            if u < guess_prob:
+                demos.append(Demonstration(dict(row), guess_steps(row), correct=False, mistake="guess"))
+                continue
+            if u < guess_prob + distractor_prob:
+                demos.append(
+                    Demonstration(dict(row), distractor_steps(row), correct=False, mistake="distractor")
+                )
+                continue
         cut = len(plan) >= 2 and rng.random() < early_stop_prob
         searches = len(plan) - 1 if cut else len(plan)
-        demos.append(Demonstration(dict(row), render_steps(plan, searches), early_stop=cut, correct=not cut))
+        demos.append(
+            Demonstration(
+                dict(row),
+                render_steps(plan, searches),
+                early_stop=cut,
+                correct=not cut,
+                mistake="early_stop" if cut else "",
+            )
+        )
     return demos
