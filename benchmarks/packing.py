@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peak_memory  # noqa: E402
+from treegrpo.logits import split_causal_lm, token_scores  # noqa: E402
 from treegrpo.loss import LossConfig  # noqa: E402
 from treegrpo.models import tiny_causal_lm  # noqa: E402
 from treegrpo.packing import PackedBatch, forward_logprobs, pack, packed_loss  # noqa: E402
@@ -183,6 +184,32 @@ def run_shape(
     }
 
 
+def logits_memory(model: torch.nn.Module, chunk: int, device: torch.device) -> dict[str, Any]:
+    """Peak memory of log-probs + entropies (forward + backward) for 4 chunks of rows, against chunk × V × 4 B."""
+    parts = split_causal_lm(model)
+    assert parts is not None
+    n = 4 * chunk
+    h = torch.randn(n, parts.head.in_features, device=device, requires_grad=True)
+    y = torch.randint(0, parts.head.out_features, (n,), device=device)
+
+    def run() -> None:
+        lp, ent = token_scores(h, y, parts, 1.0, chunk, True)
+        (lp.sum() + ent.sum()).backward()
+
+    run()
+    peak, _ = peak_memory.peak_mb(run, device)
+    unit = chunk * parts.head.out_features * 4 / 2**20
+    return {
+        "rows": n,
+        "chunk": chunk,
+        "vocab": parts.head.out_features,
+        "peak_mb": round(peak, 1),
+        "chunk_x_vocab_x4_mb": round(unit, 1),
+        "peak_over_chunk_x_vocab_x4": round(peak / unit, 3),
+        "all_rows_x_vocab_x4_mb": round(4 * unit, 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -222,6 +249,7 @@ def main() -> None:
         trees = [make_tree(rng, len(tok), i, a) for i in range(a.m)]
         cfg = LossConfig()  # reference defaults: KL k3 β=0.001, entropy 0.001
         out["shapes"]["synthetic"] = run_shape("synthetic", trees, model, ref, cfg, False, a, device)
+        out["logits_memory"] = logits_memory(model, a.logits_chunk, device)
     if "quickstart" in a.shapes:
         trees, vocab = load_trees(DATA, a.quickstart_trees)
 

@@ -1,10 +1,10 @@
 """Peak memory of one call, honest on CPU and GPU (shared by packing.py and memory.py).
 
-CPU: the process's resident-set high-water mark (VmHWM) is reset to the current RSS before the call
-(`/proc/self/clear_refs` = 5), and the figure is VmHWM after the call minus VmRSS before it: the extra
-resident memory the call needed at its peak. glibc is told to serve every allocation over 64 KiB by mmap
-(a fixed threshold) and trimmed before the call, so memory freed by earlier calls is given back to the OS
-and does not hide a later call's peak. GPU: `torch.cuda.max_memory_allocated` after a reset, minus the
+CPU: glibc's free memory is given back to the OS (`malloc_trim(0)`), the process's resident-set
+high-water mark (VmHWM) is reset to the current RSS (`/proc/self/clear_refs` = 5), and the figure is VmHWM
+after the call minus VmRSS before it: the extra resident memory the call needed at its peak. Memory freed
+by earlier calls is not resident any more, so it cannot hide a later call's peak. (The allocator's own
+fragmentation is counted: an honest upper bound on the tensors live at once.) GPU: `torch.cuda.max_memory_allocated` after a reset, minus the
 memory allocated before the call.
 """
 
@@ -18,7 +18,6 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
-_M_MMAP_THRESHOLD = -3
 _LIBC = None
 
 
@@ -27,7 +26,6 @@ def _libc() -> ctypes.CDLL | None:
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
         except OSError:
             _LIBC = False  # type: ignore[assignment]
     return _LIBC or None
@@ -44,7 +42,7 @@ def _status_kb(key: str) -> int:
 def method(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated delta"
-    return "CPU VmHWM delta (clear_refs reset, fixed 64 KiB mmap threshold)"
+    return "CPU resident high-water mark delta (malloc_trim, clear_refs reset)"
 
 
 def peak_mb(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
