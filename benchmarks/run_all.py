@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--json] [--quick] [--only NAME ...]
 
-Benchmarks: budget.py, packing.py, vs_trl.py, and learning.py when that file exists. Each runs with `--json`;
+Benchmarks: budget.py, packing.py, memory.py, vs_trl.py, and learning.py when that file exists. Each runs with `--json`;
 `--quick` passes smaller settings (and `--quick` itself to the scripts that take it) for a fast smoke run.
 A benchmark that fails or prints no JSON is reported as {"error": ...} and makes the exit status 1; the
 others still run. Without `--json` a short per-benchmark summary is printed instead.
@@ -20,24 +20,12 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("budget", "packing", "vs_trl", "learning")
+ORDER = ("budget", "packing", "memory", "vs_trl", "learning")
 # Smaller settings for --quick (the scripts' own flags; vs_trl and learning take --quick themselves).
 QUICK_ARGS: dict[str, list[str]] = {
     "budget": ["--prompts", "8"],
-    "packing": [
-        "--repeats",
-        "2",
-        "--prompt",
-        "50",
-        "--gen",
-        "20",
-        "--obs",
-        "10",
-        "--hidden",
-        "64",
-        "--layers",
-        "2",
-    ],
+    "packing": ["--quick"],
+    "memory": ["--quick"],
     "vs_trl": ["--quick"],
     "learning": ["--quick"],
 }

@@ -3,11 +3,15 @@
     pip install -e ".[vllm]"            # on a CUDA machine
     python scripts/gpu_check.py          # tiny random Llama built here (no download)
     python scripts/gpu_check.py --model /models/Qwen2.5-0.5B-Instruct --m 2 --n 2
+    python scripts/gpu_check.py --sweep      # packing memory/throughput sweep only (no vLLM needed), ~5 min
 
 Prints one JSON object: versions, engine start-up seconds, the rollout's figures (trajectories, generated
 tokens, tokens/s, tokens the engine served from its prefix cache), the weight sync (route, seconds) and
 whether the engine follows the trainer after it (log-prob agreement with the HF model, greedy ids equal).
-Exit code 1 if a check fails.
+Exit code 1 if a check fails. `--sweep` instead runs `scripts/packing_sweep.py`: leaf vs dense tree mask vs
+FlexAttention BlockMask vs `path` on a random-init Qwen2.5-1.5B-shaped bf16 model (peak memory, wall time,
+loss / gradient agreement); exit code 1 if a mode that fits disagrees with `leaf` or flex's forward log-probs
+disagree with the dense mask's.
 """
 
 from __future__ import annotations
@@ -71,7 +75,11 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    ap.add_argument("--sweep", action="store_true", help="run the packing memory/throughput sweep only")
+    ap.add_argument("--sweep-repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.sweep:
+        return run_sweep(args.sweep_repeats)
     import transformers
     import vllm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -173,6 +181,22 @@ def main() -> int:
     )
     print(json.dumps(out, indent=2))
     return 0 if out["ok"] else 1
+
+
+def run_sweep(repeats: int) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from packing_sweep import sweep
+
+    out = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0), **sweep(repeats)}
+    ok = True
+    for row in out["shapes"]:
+        ok &= row["flex_vs_dense_logprob_max_abs_diff"] < 0.1  # bf16 log-probs
+        for mode, res in row["modes"].items():
+            if mode != "leaf" and not res.get("oom"):
+                ok &= res["grad_rel_diff"] < 0.05 and res["loss_abs_diff"] < 1e-2
+    out["ok"] = bool(ok)
+    print(json.dumps(out, indent=2))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -45,9 +45,14 @@ def test_run_all_quick_budget_and_packing_print_one_json_object() -> None:
     assert budget["setup"]["prompts"] == 8  # --quick reached the script
     # chain(4) generates 4 full trajectories of 3 × 100 tokens per prompt
     assert budget["configs"]["chain(4)"]["generated_tokens"] == pytest.approx(1200.0)
-    packing = out["packing"]["result"]
-    assert packing["forward_tokens_tree"] < packing["forward_tokens_leaf"]
-    assert packing["max_rel_grad_diff"] < 1e-4
+    for name, shape in out["packing"]["result"]["shapes"].items():
+        assert set(shape["modes"]) == {"leaf", "tree", "tree_rows", "path"}, name
+        assert 0 < shape["forward_token_ratio"] < 1, name
+        for key in ("wall_ratio", "peak_memory_ratio"):
+            assert shape[key] > 0, (name, key)
+        for mode in shape["modes"].values():
+            assert mode["max_rel_grad_diff"] < 1e-4 and mode["loss_abs_diff"] < 1e-5, name
+    assert set(out["packing"]["result"]["shapes"]) == {"synthetic", "quickstart"}
     assert all(out[k]["seconds"] > 0 and "--json" in out[k]["command"] for k in out)
 
 
@@ -101,3 +106,16 @@ def test_vs_trl_tiny_side_by_side_gives_ratios() -> None:
     ratio = out["treegrpo_over_trl"]["chain"]
     assert ratio["train_time_per_trained_token"] > 0 and ratio["e2e_time_per_trained_token"] > 0
     assert set(out["treegrpo_over_trl"]) == {"chain"}  # pairs with a missing side are left out
+
+
+def test_memory_quick_gives_points_per_mode_and_path_stays_small() -> None:
+    proc = _run(str(BENCH / "memory.py"), "--json", "--quick")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert set(out["modes"]) == {"leaf", "tree", "tree_rows", "path"}
+    for points in out["modes"].values():
+        assert points and all(set(p) >= {"tree_tokens", "leaves", "peak_mb", "seconds"} for p in points)
+        assert [p["tree_tokens"] for p in points] == sorted(p["tree_tokens"] for p in points)
+    assert set(out["largest_under_cap"]) == set(out["modes"])
+    biggest = {m: pts[-1]["peak_mb"] for m, pts in out["modes"].items()}
+    assert biggest["path"] < biggest["leaf"]  # one path in memory, not every leaf's

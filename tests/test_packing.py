@@ -83,15 +83,16 @@ def token_table(batch, lp):
     """(node id, offset in node) → log-prob of every scored token."""
     out = {}
     for r in range(batch.input_ids.shape[0]):
-        seen: dict[int, int] = {}
+        seen: dict[tuple[int, int], int] = {}
         for t in range(batch.input_ids.shape[1]):
             nid = int(batch.node_ids[r, t])
             if nid < 0:
                 continue
-            off = seen.get(nid, 0)
-            seen[nid] = off + 1
+            key = (int(batch.tree_index[r, t]), nid)
+            off = seen.get(key, 0)
+            seen[key] = off + 1
             if batch.loss_mask[r, t]:
-                out.setdefault((batch.row_tree[r], nid, off), []).append(float(lp[r, t]))
+                out.setdefault((int(batch.tree_index[r, t]), nid, off), []).append(float(lp[r, t]))
     return out
 
 
@@ -120,7 +121,7 @@ def test_tree_layout_positions_targets_and_mask():
     assert b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 7, 3]
     assert b.target_index[0].tolist() == [-1, 0, 1, 2, 3, 4, 5, 5, 7, 2]
     assert b.loss_mask[0].tolist() == [False] * 3 + [True, True, False, True, True, True, True]
-    allowed = b.attention_mask[0, 0]
+    allowed = b.visibility()[0, 0]
     assert allowed[7].tolist() == [True] * 6 + [
         False,
         True,

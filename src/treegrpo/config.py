@@ -57,7 +57,8 @@ class ModelConfig:
     tokenizer: Literal["wordlevel", "bpe"] = "wordlevel"
     gguf_file: str = ""  # load weights from a GGUF file inside `path` (SmolLM2 preset)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    # flex_attention: tree rows get a FlexAttention BlockMask (training needs CUDA: no CPU backward)
+    attn_implementation: Literal["eager", "sdpa", "flex_attention"] = "sdpa"
     lora: bool = False
     lora_r: int = field(default=16, metadata={"min": 1, "max": 1024})
     lora_alpha: int = field(default=32, metadata={"min": 1, "max": 65536})
@@ -142,7 +143,13 @@ class TrainerConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coeff: float = field(default=0.001)
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    packing: Literal["tree", "leaf"] = "tree"
+    # tree: every unique token once (tree mask); leaf: one row per root→leaf path; path: memory-bounded
+    # depth-first walk with per-branch backward (peak memory ≈ one path, for trees too large for a mask)
+    packing: Literal["tree", "leaf", "path"] = "tree"
+    # tree packing: bin whole trees first-fit-decreasing into rows of this many tokens (0 = one row per tree)
+    max_tokens_per_row: int = field(default=0, metadata={"min": 0, "max": 1 << 22})
+    # rows of hidden states per LM-head + fp32 log-softmax chunk (peak logits memory ≈ chunk × vocab × 4 B)
+    logits_chunk: int = field(default=1024, metadata={"min": 1, "max": 1 << 22})
     # Truncated importance sampling for a sampler whose numerics differ from the trainer's (vLLM in bf16):
     # the per-token policy-gradient weight is min(exp(trainer_old - sampler), tis_cap). 0 = off.
     tis_cap: float = field(default=0.0, metadata={"min": 0.0, "max": 1e6})

@@ -152,6 +152,31 @@ def weighted_policy_loss(
     Tokens with zero weight never contribute and get exactly zero gradient (their inputs are replaced
     before any nonlinearity, so even −inf/NaN log-probs there are harmless).
     """
+    loss, metrics = _loss_terms(logprobs, old_logprobs, weights, config, ref_logprobs, entropies, True)
+    return loss, metrics
+
+
+def policy_loss_value(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    weights: TokenWeights,
+    config: LossConfig,
+    ref_logprobs: Tensor | None = None,
+    entropies: Tensor | None = None,
+) -> Tensor:
+    """`weighted_policy_loss`'s loss alone, without metrics (no host syncs): for per-branch backwards."""
+    return _loss_terms(logprobs, old_logprobs, weights, config, ref_logprobs, entropies, False)[0]
+
+
+def _loss_terms(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    weights: TokenWeights,
+    config: LossConfig,
+    ref_logprobs: Tensor | None,
+    entropies: Tensor | None,
+    with_metrics: bool,
+) -> tuple[Tensor, dict[str, float]]:
     dtype = logprobs.dtype
     w = weights.to(dtype, logprobs.device)
     active = w.weight != 0
@@ -172,6 +197,18 @@ def weighted_policy_loss(
     loss = pg_loss
 
     metrics: dict[str, float] = {}
+    if not with_metrics:
+        if config.beta != 0:
+            if ref_logprobs is None:
+                raise ValueError("beta != 0 needs ref_logprobs (set beta=0 to train without a reference)")
+            ref = torch.where(active, ref_logprobs.to(dtype), lp.detach())
+            loss = loss + config.beta * (w.weight * kl_penalty(lp, ref, config.kl_estimator)).sum()
+        if config.entropy_coeff != 0:
+            if entropies is None:
+                raise ValueError("entropy_coeff != 0 needs entropies")
+            ent = torch.where(active, entropies.to(dtype), zero)
+            loss = loss - config.entropy_coeff * (w.weight * ent).sum()
+        return loss, metrics
     wsum = w.weight.sum()
     denom = wsum if float(wsum) > 0 else torch.ones_like(wsum)
     if config.beta != 0:

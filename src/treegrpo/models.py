@@ -19,7 +19,7 @@ def tiny_causal_lm(
     max_positions: int = 2048,
     kv_heads: int | None = None,
     intermediate: int | None = None,
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa",
+    attn_implementation: Literal["eager", "sdpa", "flex_attention"] = "sdpa",
     dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
     """A randomly initialised Llama or Qwen2 causal LM sized to `tokenizer` (same seed → same weights)."""
