@@ -298,6 +298,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("model.lora: LoRA needs a pretrained model.path")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty run name without '/'; got {cfg.name!r}")
+    if cfg.trainer.packing == "path" and cfg.trainer.tis_cap > 0:
+        raise ConfigError(
+            "trainer.tis_cap: not supported with trainer.packing 'path' (its backward runs inside the loss); "
+            "use packing tree or leaf"
+        )
     problem = rollout_memory_problem(cfg)
     if problem:
         raise ConfigError(f"rollout: {problem}")

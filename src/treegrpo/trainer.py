@@ -262,6 +262,8 @@ class Trainer:
         pack_fn = partial(
             _pack,
             packing=tc.packing,
+            max_tokens_per_row=tc.max_tokens_per_row,
+            logits_chunk=tc.logits_chunk,
             loss_agg_mode=tc.loss_agg_mode,
             norm_length=self.loss_cfg.norm_length,
             pad_id=self.parts.tokenizer.pad_token_id or 0,

@@ -32,7 +32,7 @@ from torch import Tensor
 from treegrpo.distributed import DistContext
 from treegrpo.errors import UserError
 from treegrpo.loss import LossConfig, TokenWeights, weighted_policy_loss
-from treegrpo.packing import PackedBatch, forward_logprobs, loss_token_totals
+from treegrpo.packing import PackedBatch, forward_logprobs, loss_token_totals, packed_loss
 from treegrpo.precision import autocast
 from treegrpo.reference import reference_logprobs
 from treegrpo.tree import Forest, Tree
@@ -291,6 +291,12 @@ def micro_loss(
     """Loss and metrics of one micro-batch (what `packing.packed_loss` computes, plus the log-probs'
     sampler mismatch and TIS weights when the old log-probs are this forward's own)."""
     b = micro.batch
+    ref = None if micro.ref_logprobs is None else micro.ref_logprobs
+    if b.packing == "path":  # memory-bounded: backward runs branch by branch inside packed_loss
+        loss, metrics = packed_loss(
+            model, b, loss_cfg, ref, temperature=scoring.temperature, on_policy=not scoring.recompute_old
+        )
+        return loss, metrics, None
     lp, ent = forward_logprobs(model, b, scoring.temperature, compute_entropy=True)
     weights, stats = b.weights, None
     if scoring.recompute_old:
@@ -298,7 +304,7 @@ def micro_loss(
     else:
         old = lp.detach()
         weights, stats = sampler_correction(old, b, scoring.tis_cap)
-    ref = None if micro.ref_logprobs is None else micro.ref_logprobs.to(lp.device)
+    ref = None if ref is None else ref.to(lp.device)
     loss, metrics = weighted_policy_loss(lp, old, weights, loss_cfg, ref, ent)
     metrics["forward_tokens"] = float(b.num_forward_tokens)
     return loss, metrics, stats
