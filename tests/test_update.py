@@ -261,6 +261,7 @@ def test_every_packing_mode_trains_like_leaf_packing(tmp_path: Path, tok, packin
         # As above: Adam's first steps are ~lr * sign(g), so rounding noise on near-zero gradients shows.
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-5, msg=name)
     moved = sum(
-        float((p - q).detach().abs().sum()) for p, q in zip(leaf.model.parameters(), model.parameters())
+        float((p - q).detach().abs().sum())
+        for p, q in zip(leaf.model.parameters(), model.parameters(), strict=True)
     )
     assert moved > 1e-3  # the step really changed the weights
