@@ -136,6 +136,7 @@ def test_report_from_real_run(real_run: Path, capsys: pytest.CaptureFixture[str]
     path = real_run / "report.html"
     assert f"report: {path}" in out
     assert "eval EM, last" in out and "generated tokens (total)" in out
+    assert "prompts with zero reward variance, first → last step" in out  # RL-signal diagnostics
     assert "depth 0:" in out and "signal share" in out  # granularity from the saved trees (or metrics)
 
     page = path.read_text(encoding="utf-8")

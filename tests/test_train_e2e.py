@@ -6,11 +6,16 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
 from treegrpo.cli import main
+from treegrpo.diagnostics import LABELS as DIAGNOSTIC_LABELS
+from treegrpo.diagnostics import signal_diagnostics
+from treegrpo.rewards import is_valid_format
 from treegrpo.run_log import read_metrics
+from treegrpo.tree import group_forests, read_jsonl
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -63,6 +68,14 @@ def test_train_writes_a_complete_run_directory(tiny_config: Path, capsys):
     assert any(k.startswith("granularity/run/signal_share/") for k in summary)
     tree = json.loads((run / "trees" / "step-000003.jsonl").read_text().splitlines()[0])
     assert tree["meta"]["advantages"]
+    # RL-signal diagnostics are logged every step and are exactly those of the step's saved trees
+    max_new = yaml.safe_load((run / "config.yaml").read_text())["policy"]["max_new_tokens"]
+    for r in rows[1:]:
+        forests = group_forests(read_jsonl(run / "trees" / f"step-{r['step']:06d}.jsonl"))
+        want = signal_diagnostics(forests, max_new, is_valid_format)
+        assert set(want) == set(DIAGNOSTIC_LABELS)
+        for k, v in want.items():
+            assert r[k] == pytest.approx(v), k
 
 
 def test_existing_run_requires_resume(tiny_config: Path, capsys):

@@ -14,6 +14,15 @@ import numpy as np
 
 from treegrpo.tree import ActionKind, Forest
 
+# Labels of the logged keys, in the order the report shows them.
+LABELS = {
+    "signal/zero_variance_groups": "prompts with zero reward variance",
+    "signal/format_valid_rate": "format-valid responses",
+    "signal/action_closed_rate": "steps that closed an action",
+    "signal/step_tokens_mean": "generated tokens per step",
+    "signal/truncated_step_share": "steps cut by the token budget",
+}
+
 # Steps that did not close an action the environment understood: unparsable, cut at the context
 # limit, or a forced final step that still gave no answer. Any other kind (search, answer, a tool
 # call of a plug-in protocol) counts as closed.

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from treegrpo.credit.report import credit_html, credit_text, load_credit
+from treegrpo.diagnostics import LABELS as DIAGNOSTIC_LABELS
 from treegrpo.errors import UserError
 from treegrpo.granularity import (
     PREFIX,
@@ -524,6 +525,10 @@ def _headline(run: RunData) -> list[tuple[str, Any]]:
         xs, ys = series(rows, key)
         if ys:
             out.append((label, ys[-1]))
+    for key, label in DIAGNOSTIC_LABELS.items():  # why a run has (no) RL signal: first → last step
+        ys = series(rows, key)[1]
+        if ys:
+            out.append((f"{label}, first → last step", f"{_fmt(ys[0])} → {_fmt(ys[-1])}"))
     secs = series(rows, "time/step_seconds")[1]
     if secs:
         out.append(("seconds per step (mean)", sum(secs) / len(secs)))

@@ -34,6 +34,7 @@ from treegrpo.checkpoint import (
 )
 from treegrpo.config import Config
 from treegrpo.data import batch_rows, group_ids_of
+from treegrpo.diagnostics import no_signal_warning, signal_diagnostics
 from treegrpo.distributed import DistContext
 from treegrpo.errors import UserError
 from treegrpo.evaluation import evaluate
@@ -215,7 +216,11 @@ class Trainer:
             train_metrics = {"updates": 0.0, "skipped_updates": float(self.updates_per_step)}
         metrics.update(self._train_metrics(train_metrics, adv is not None))
         metrics.update(self._rollout_metrics(forests, rows, r, adv, budget))
+        fmt = getattr(self.parts.env, "format_valid", None)
+        metrics.update(signal_diagnostics(forests, self.cfg.policy.max_new_tokens, fmt))
         metrics = self._mean_over_ranks(metrics)
+        if self.dist.is_main and (why := no_signal_warning(metrics)):
+            warnings.warn(f"step {self.step + 1}: {why}", stacklevel=2)
         self.step += 1
         self.data_position += self.cfg.trainer.prompts_per_step
         metrics["time/rollout_seconds"] = t_roll
@@ -356,10 +361,15 @@ class Trainer:
         return out
 
     def _mean_over_ranks(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """The per-rank granularity rates, averaged over ranks (the rest is already global)."""
+        """The per-rank granularity and signal-diagnostic rates, averaged over ranks (each rank has the
+        same number of prompts; the rest is already global)."""
         if self.world == 1:
             return metrics
-        local = [k for k, v in metrics.items() if k.startswith("granularity/") and isinstance(v, int | float)]
+        local = [
+            k
+            for k, v in metrics.items()
+            if k.startswith(("granularity/", "signal/")) and isinstance(v, int | float)
+        ]
         keys = self.dist.union(local)
         if keys:
             for k, v in zip(keys, self.dist.sum([float(metrics.get(k, 0.0)) for k in keys]), strict=True):

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from treegrpo.envs.parsing import parse_step
 from treegrpo.protocols import Prompt, StepResult
 from treegrpo.retrievers.base import Passage, Retriever
-from treegrpo.rewards import RewardFn, get_reward
+from treegrpo.rewards import RewardFn, get_reward, is_valid_format
 from treegrpo.tree import ActionKind
 
 DEFAULT_TEMPLATE = (
@@ -252,6 +252,10 @@ class SearchR1Env:
     def reward(self, state: SearchState) -> float:
         """The configured reward of the trajectory's response against the gold answers."""
         return float(self.reward_fn(state.response, list(state.golden_answers)))
+
+    def format_valid(self, response: str) -> bool:
+        """SPEC §4's tag format: the training diagnostics report the share of responses that pass it."""
+        return is_valid_format(response)
 
 
 __all__ = [
