@@ -170,3 +170,35 @@ def test_sharded_or_accelerate_precision_launches_are_refused_with_one_line(
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error") and says in lines[0], err
+
+
+def test_pretrained_warm_start_runs_placed_with_fp32_masters_under_autocast(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import treegrpo.sft as sft
+    from treegrpo.build import build_run
+    from treegrpo.tasks import build_task
+
+    task = build_task("synthetic-kb", seed=0, n_entities=20, max_hops=1)
+    texts = [f"{d['title']} {d['text']}" for d in task.corpus] + [r["question"] for r in task.train_rows]
+    tk = train_tokenizer(texts + [s for d in task.demonstrations(n=16) for s in d.steps], kind="wordlevel")
+    path = tmp_path / "pretrained"
+    tiny_causal_lm(tk, hidden=32, layers=1, heads=2).to(torch.bfloat16).save_pretrained(path)
+    tk.save_pretrained(path)
+    seen: dict[str, object] = {}
+
+    def recording_warm_start(model, *a, **k):
+        seen["dtypes"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        seen["devices"] = {p.device for p in model.parameters()}
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        return sft.SFTStats(
+            examples=0, steps=0, epochs=0, trained_tokens=0, total_tokens=0, loss_before=0, loss_after=0
+        )
+
+    monkeypatch.setattr(sft, "warm_start", recording_warm_start)
+    sets = [f"model.path={path}", "model.dtype=bfloat16", "warmstart.enabled=true", "warmstart.num_demos=4"]
+    sets += ["data.task_kwargs={seed: 0, n_entities: 20, max_hops: 1}", f"cache_dir={tmp_path / 'cache'}"]
+    build_run(load_config(None, sets), log=lambda s: None, device=torch.device("cpu"))
+    assert seen["dtypes"] == {torch.float32}  # the warm start updates fp32 master weights ...
+    assert seen["autocast"] is True  # ... computing in bf16
+    assert seen["devices"] == {torch.device("cpu")}  # on the device it was given
