@@ -233,6 +233,11 @@ def test_sampler_mismatch_and_truncated_importance_sampling(tmp_path: Path, tok)
     assert off["logprob_mismatch"] == pytest.approx(0.1, abs=2e-4)
     assert off["logprob_ratio_max"] == pytest.approx(np.exp(0.1), rel=1e-3)
     assert off["pg_loss"] == pytest.approx(m["pg_loss"], abs=1e-6)  # off by default: the loss is unchanged
+    # The same from the recomputed old log-probs when the step has several mini-batches.
+    two = _trainer(tmp_path / "e", tok, copy.deepcopy(model), *sets, "trainer.mini_batch_prompts=4")
+    assert not two.on_policy
+    several = two.train_on(copy.deepcopy(shifted), per_tree)
+    assert several["logprob_mismatch"] == pytest.approx(0.1, abs=2e-4)
     # TIS with cap 1.05 < e^0.1: every token's policy-gradient weight is exactly 1.05.
     tis = _trainer(tmp_path / "c", tok, copy.deepcopy(model), *sets, "trainer.tis_cap=1.05")
     capped = tis.train_on(copy.deepcopy(shifted), per_tree)

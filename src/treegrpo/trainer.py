@@ -107,6 +107,11 @@ class Trainer:
                 f"training rows; the training set has {len(parts.train_rows)}"
             )
         self.compute_dtype = compute_dtype(cfg.model.dtype)
+        if self.compute_dtype == torch.float16:
+            raise UserError(
+                "model.dtype: float16 training needs loss scaling, which the trainer does not do; use "
+                "bfloat16 (fp32 master weights, bf16 compute) or float32"
+            )
         # Placement first, then the reference: a copy of the placed (and warm-started) policy.
         self.model = place_model(parts.model, self.dist.device)
         warm = "sft" in (parts.warmstart or {})
