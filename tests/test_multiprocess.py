@@ -156,33 +156,36 @@ def _cli(cfg: Path, name: str, nproc: int, sets: list[str]) -> subprocess.Comple
     )
 
 
-def test_torchrun_cli_runs_two_processes_with_one_process_schedule(tiny_config: Path) -> None:
+def test_torchrun_cli_runs_2_and_3_processes_with_the_one_process_schedule(tiny_config: Path) -> None:
     sets = [
         "trainer.steps=2",
-        "trainer.prompts_per_step=4",
-        "trainer.mini_batch_prompts=2",
+        "trainer.prompts_per_step=6",
+        "trainer.mini_batch_prompts=4",  # 4 + 2 prompts: with 3 processes one rank has an empty mini-batch
         "trainer.gradient_accumulation_steps=2",
         "trainer.warmup_steps=2",
         "trainer.lr=1e-4",
         "trainer.eval_every=2",
         "trainer.save_every=0",
     ]
-    one = _cli(tiny_config, "one", 1, sets)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _cli(tiny_config, "two", 2, sets)
-    assert two.returncode == 0, two.stderr[-3000:]
     runs = Path(yaml.safe_load(tiny_config.read_text())["output_dir"])
-    s1 = json.loads((runs / "one" / "summary.json").read_text())
-    s2 = json.loads((runs / "two" / "summary.json").read_text())
-    assert (s1["world_size"], s2["world_size"]) == (1, 2) and s1["steps"] == s2["steps"] == 2
-    m1 = {r["step"]: r for r in read_metrics(runs / "one")}
-    m2 = {r["step"]: r for r in read_metrics(runs / "two")}
-    assert sorted(m1) == sorted(m2) == [0, 1, 2]
-    # 2 updates per step, warmup over 2 steps = 4 updates: after step 1 (2 updates) the lr is
-    # (2 + 1) / 4 of 1e-4 in both. (Before, each of 2 processes took 1 update per step: 2/4 of it.)
-    assert m1[1]["lr"] == m2[1]["lr"] == pytest.approx(0.75e-4)
-    assert m1[2]["lr"] == m2[2]["lr"] == pytest.approx(1e-4)
-    # Both ranks' prompts were trained and counted: as many trajectories as one process samples.
-    assert m2[1]["budget/trajectories"] == m1[1]["budget/trajectories"]
-    assert m2[2]["eval/n"] == m1[2]["eval/n"] == 8  # the held-out set, sharded over the ranks
-    assert (runs / "two" / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    done = {}
+    for nproc in (1, 2, 3):
+        proc = _cli(tiny_config, f"np{nproc}", nproc, sets)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((runs / f"np{nproc}" / "summary.json").read_text())
+        assert summary["world_size"] == nproc and summary["steps"] == 2
+        done[nproc] = {r["step"]: r for r in read_metrics(runs / f"np{nproc}")}
+        assert (runs / f"np{nproc}" / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    one = done[1]
+    for nproc in (2, 3):
+        m = done[nproc]
+        assert sorted(m) == sorted(one) == [0, 1, 2]
+        # 2 updates per step, warmup over 2 steps = 4 updates: after step 1 (2 updates) the lr is
+        # (2 + 1) / 4 of 1e-4 for every process count. (Before, each of 2 processes took 1 update per
+        # step, 2/4 of it.)
+        assert m[1]["lr"] == one[1]["lr"] == pytest.approx(0.75e-4)
+        assert m[2]["lr"] == one[2]["lr"] == pytest.approx(1e-4)
+        # Every rank's prompts were sampled and counted: as many trajectories as one process samples.
+        assert m[1]["budget/trajectories"] == one[1]["budget/trajectories"] == 6 * 6
+        assert m[2]["eval/n"] == one[2]["eval/n"] == 8  # the held-out set, sharded over the ranks
+        assert np.isfinite(m[2]["loss"]) and m[2]["train/ratio_max"] >= 1.0

@@ -233,6 +233,11 @@ def test_sampler_mismatch_and_truncated_importance_sampling(tmp_path: Path, tok)
     assert off["logprob_mismatch"] == pytest.approx(0.1, abs=2e-4)
     assert off["logprob_ratio_max"] == pytest.approx(np.exp(0.1), rel=1e-3)
     assert off["pg_loss"] == pytest.approx(m["pg_loss"], abs=1e-6)  # off by default: the loss is unchanged
+    # The same from the recomputed old log-probs when the step has several mini-batches.
+    two = _trainer(tmp_path / "e", tok, copy.deepcopy(model), *sets, "trainer.mini_batch_prompts=4")
+    assert not two.on_policy
+    several = two.train_on(copy.deepcopy(shifted), per_tree)
+    assert several["logprob_mismatch"] == pytest.approx(0.1, abs=2e-4)
     # TIS with cap 1.05 < e^0.1: every token's policy-gradient weight is exactly 1.05.
     tis = _trainer(tmp_path / "c", tok, copy.deepcopy(model), *sets, "trainer.tis_cap=1.05")
     capped = tis.train_on(copy.deepcopy(shifted), per_tree)
@@ -240,6 +245,71 @@ def test_sampler_mismatch_and_truncated_importance_sampling(tmp_path: Path, tok)
     wide = _trainer(tmp_path / "d", tok, copy.deepcopy(model), *sets, "trainer.tis_cap=2.0")
     uncapped = wide.train_on(copy.deepcopy(shifted), per_tree)
     assert uncapped["pg_loss"] == pytest.approx(np.exp(0.1) * m["pg_loss"], rel=1e-3)
+
+
+class RecordingDist(DistContext):
+    """A rank of a pretend world: records every collective instead of running it (identity results)."""
+
+    def __init__(self, world: int, rank: int) -> None:
+        super().__init__(world=world, rank=rank)
+        self.trace: list[tuple] = []
+
+    def _reduce(self, values, op):  # noqa: ANN001, ANN202
+        self.trace.append(("reduce", str(op), len(values)))
+        return [float(v) for v in values]
+
+    def all_true(self, flag: bool) -> bool:
+        self.trace.append(("all_true",))
+        return flag
+
+    def all_reduce_gradients(self, params) -> None:  # noqa: ANN001
+        params = [p for p in params if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.trace.append(("grads", len(params), sum(p.numel() for p in params)))
+
+    def union(self, keys):  # noqa: ANN001, ANN201
+        self.trace.append(("union",))
+        return sorted(set(keys))
+
+    def barrier(self) -> None:
+        self.trace.append(("barrier",))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_runs_the_same_collectives_whatever_its_trees(tmp_path: Path, tok, world: int) -> None:
+    """The per-rank shares differ wildly (one huge tree; with 3 ranks one rank has no tree in the second
+    mini-batch), yet every rank issues the same collectives in the same order: nothing can pair up wrongly."""
+    model = tiny_causal_lm(tok, hidden=32, layers=1, heads=2, seed=9)
+    sets = (
+        "trainer.prompts_per_step=6",
+        "trainer.mini_batch_prompts=4",
+        "trainer.gradient_accumulation_steps=2",
+    )
+    probe = _trainer(tmp_path / "probe", tok, copy.deepcopy(model), *sets)
+    forests, per_tree = _batch(probe)
+    tree = forests[0].trees[0]
+    tree.root.token_ids = tree.root.token_ids * 20
+    per_forest, k = [], 0
+    for f in forests:
+        per_forest.append(per_tree[k : k + len(f.trees)])
+        k += len(f.trees)
+    traces = []
+    for rank in range(world):
+        dist = RecordingDist(world, rank)
+        cfg = load_config(
+            None, [f"output_dir={tmp_path}", "policy.max_new_tokens=4", "trainer.eval_every=0", *sets]
+        )
+        t = Trainer(
+            cfg, RunParts(copy.deepcopy(model), tok, AppleEnv(), ROWS, []), tmp_path / f"r{rank}", dist
+        )
+        mine = [a for fa in per_forest[rank::world] for a in fa]
+        m = t.train_on(copy.deepcopy(forests[rank::world]), mine)
+        assert m["updates"] == 2
+        traces.append(dist.trace)
+    assert all(tr == traces[0] for tr in traces), traces
+    assert sum(1 for c in traces[0] if c[0] == "grads") == 2  # one gradient all-reduce per optimizer step
 
 
 @pytest.mark.parametrize(

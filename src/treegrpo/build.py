@@ -256,10 +256,10 @@ def build_run(
 
         if device is not None:
             model.to(device)
-        upcast_trainable(model)
         info: dict[str, Any] = {}
         ws = cfg.warmstart
         if ws.enabled and ws.num_demos > 0 and ws.epochs > 0 and task is not None:
+            upcast_trainable(model)  # the warm start trains: fp32 master weights, compute in model.dtype
             # SFT of the pretrained model (its LoRA adapter, when enabled) on the task's oracle
             # demonstrations, so it learns the tag protocol before RL. Not cached: it is cheap next to RL.
             from treegrpo.sft import warm_start

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from treegrpo.advantage import compute_advantages
 from treegrpo.build import RunParts, build_run
@@ -21,7 +22,9 @@ from treegrpo.update import attach_advantages
 
 
 def _model_for_cli(cfg: Config, checkpoint: str | None) -> tuple[RunParts, Any]:
-    parts = build_run(cfg, log=lambda s: None)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    parts = build_run(cfg, log=lambda s: None, device=device)
+    parts.model.to(device)
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(cfg.run_dir / "checkpoints")
     if checkpoint and not Path(checkpoint).is_dir():
         raise UserError(f"--checkpoint: {checkpoint} is not a directory")

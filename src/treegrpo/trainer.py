@@ -107,6 +107,11 @@ class Trainer:
                 f"training rows; the training set has {len(parts.train_rows)}"
             )
         self.compute_dtype = compute_dtype(cfg.model.dtype)
+        if self.compute_dtype == torch.float16:
+            raise UserError(
+                "model.dtype: float16 training needs loss scaling, which the trainer does not do; use "
+                "bfloat16 (fp32 master weights, bf16 compute) or float32"
+            )
         # Placement first, then the reference: a copy of the placed (and warm-started) policy.
         self.model = place_model(parts.model, self.dist.device)
         warm = "sft" in (parts.warmstart or {})
@@ -207,13 +212,13 @@ class Trainer:
         r = np.asarray(rewards, dtype=np.float64)
         adv = self.advantages(r, groups, tree_ids)
         metrics: dict[str, Any] = {}
-        train_metrics: dict[str, float] = {}
-        if adv is not None and self.dist.all_true(bool(np.all(np.isfinite(adv)))):
+        # Every rank takes the same branch (a rank alone skipping would leave the others waiting).
+        if self.dist.all_true(adv is not None and bool(np.all(np.isfinite(adv)))):
             per_tree = attach_advantages(forests, adv)
             metrics.update(granularity_metrics(forests))
             train_metrics = self.train_on(forests, per_tree)
         else:
-            train_metrics = {"updates": 0.0, "skipped_updates": float(self.updates_per_step)}
+            train_metrics = self._skip_updates()
         metrics.update(self._train_metrics(train_metrics, adv is not None))
         metrics.update(self._rollout_metrics(forests, rows, r, adv, budget))
         fmt = getattr(self.parts.env, "format_valid", None)
@@ -285,15 +290,19 @@ class Trainer:
         )
         finite, mismatch = score_micro_batches(self.model, self.ref_model, minis, scoring, self.dist)
         if not finite:  # before any optimizer step: nothing of this step is applied
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(self.updates_per_step):
-                    self.scheduler.step()
-            return {"updates": 0.0, "skipped_updates": float(self.updates_per_step)}
+            return self._skip_updates()
         ucfg = UpdateConfig(ppo_epochs=tc.ppo_epochs, max_grad_norm=tc.max_grad_norm, scoring=scoring)
         return update(
             self.model, self.optimizer, self.scheduler, minis, self.loss_cfg, ucfg, self.dist, mismatch
         )
+
+    def _skip_updates(self) -> dict[str, float]:
+        """No update this step; the LR schedule still advances, so it stays a function of the step."""
+        with warnings.catch_warnings():  # torch warns about a scheduler step before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.updates_per_step):
+                self.scheduler.step()
+        return {"updates": 0.0, "skipped_updates": float(self.updates_per_step)}
 
     # -- metrics -------------------------------------------------------------------------------------
     def _train_metrics(self, m: dict[str, float], had_advantages: bool) -> dict[str, Any]:
