@@ -73,10 +73,20 @@ def estimate_rollout_memory(cfg: Any) -> RolloutMemory:
 
 
 def physical_memory_bytes() -> int | None:
+    """Physical memory, or the container's cgroup limit when that is lower (None if unknown)."""
+    sizes = []
     try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        sizes.append(int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES")))
     except (ValueError, OSError, AttributeError):
-        return None
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < 1 << 60:  # "max" or a huge sentinel means no limit
+            sizes.append(int(raw))
+    return min(sizes) if sizes else None
 
 
 def _size(n: float) -> str:
