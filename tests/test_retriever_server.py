@@ -61,8 +61,11 @@ def _small(port: int) -> tuple[int, dict]:
 
 
 @pytest.fixture
-def server() -> Iterator[int]:
-    srv = make_server(BM25Retriever(docs=DOCS), port=0, limits=ServerLimits(body_timeout=0.5)).start()
+def server(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A server on an ephemeral port; `@pytest.mark.parametrize("server", [seconds], indirect=True)`
+    sets its body timeout (default 30 s, so a slow machine never turns a 413 into a 408)."""
+    timeout = getattr(request, "param", 30.0)
+    srv = make_server(BM25Retriever(docs=DOCS), port=0, limits=ServerLimits(body_timeout=timeout)).start()
     try:
         yield srv.server_address[1]
     finally:
@@ -143,6 +146,7 @@ def test_oversize_gets_413_while_a_concurrent_small_request_is_served(server: in
     assert _small(server)[0] == 200
 
 
+@pytest.mark.parametrize("server", [0.5], indirect=True)
 def test_short_body_times_out_with_408_and_does_not_block_others(server: int) -> None:
     with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
         s.sendall(b'POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"queries": ')
