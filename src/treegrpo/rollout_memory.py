@@ -10,6 +10,7 @@ that could refuse a config that fits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -75,10 +76,8 @@ def estimate_rollout_memory(cfg: Any) -> RolloutMemory:
 def physical_memory_bytes() -> int | None:
     """Physical memory, or the container's cgroup limit when that is lower (None if unknown)."""
     sizes = []
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         sizes.append(int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES")))
-    except (ValueError, OSError, AttributeError):
-        pass
     for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             raw = Path(limit_file).read_text().strip()
