@@ -25,7 +25,7 @@ import pytest
 
 from treegrpo.cli import main
 from treegrpo.retrievers import BM25Retriever, HTTPRetriever, RetrieverError
-from treegrpo.retrievers.server import ServerLimits, make_server
+from treegrpo.retrievers.server import RetrieverServer, ServerLimits, make_app, make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -240,6 +240,23 @@ def test_client_splits_a_large_wave_into_requests_the_server_accepts() -> None:
         with pytest.raises(RetrieverError, match="HTTP 413"):
             HTTPRetriever(url, max_batch=10, max_retries=0).search(queries, 2)
         assert HTTPRetriever(url, max_batch=4).search(queries, 2) == local.search(queries, 2)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout() -> None:
+    srv = RetrieverServer(make_app(BM25Retriever(docs=DOCS)), port=0, idle_timeout=0.5).start()
+    try:
+        port = srv.server_address[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # connects, never sends
+            assert s.recv(1) == b""  # closed by the server (a hang would hit the 10 s socket timeout)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # after a response, too
+            body = json.dumps({"queries": ["entity 3"], "topk": 1}).encode()
+            s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            assert _read_response(s)[0] == 200
+            assert s.recv(1) == b""
+        assert _small(port)[0] == 200
     finally:
         srv.shutdown()
         srv.server_close()
