@@ -70,17 +70,24 @@ def _client(
     out[seed] = (lat, errors)
 
 
-def _new_connection_p50(host: str, port: int, path: str, queries: list[str], n: int, topk: int) -> float:
-    lat = []
+def _new_connection(
+    host: str, port: int, path: str, queries: list[str], n: int, topk: int
+) -> tuple[float, int]:
+    """p50 latency and error count of `n` requests, each on a new connection."""
+    lat, errors = [], 0
     for i in range(n):
         body = json.dumps({"queries": [queries[i % len(queries)]], "topk": topk})
         t0 = time.perf_counter()
         conn = http.client.HTTPConnection(host, port, timeout=30)
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-        conn.getresponse().read()
-        conn.close()
+        try:
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            errors += conn.getresponse().status != 200
+        except (OSError, http.client.HTTPException):
+            errors += 1
+        finally:
+            conn.close()
         lat.append((time.perf_counter() - t0) * 1000)
-    return _percentile(lat, 0.5)
+    return _percentile(lat, 0.5), errors
 
 
 def _start_server(corpus: Path, cache: Path) -> tuple[subprocess.Popen, str]:
@@ -106,7 +113,10 @@ def run(clients: int, requests: int, docs: int, topk: int, url: str | None) -> d
         parts = urlsplit(url)
         host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/retrieve"
         try:
-            _client(host, port, path, queries, 20, topk, -1, {})  # warm-up
+            warm: dict[int, tuple[list[float], int]] = {}
+            _client(host, port, path, queries, 20, topk, -1, warm)  # warm-up (and: is it there at all?)
+            if warm[-1][1] == 20:
+                raise SystemExit(f"no answer from {url}")
             out: dict[int, tuple[list[float], int]] = {}
             threads = [
                 threading.Thread(target=_client, args=(host, port, path, queries, requests, topk, i, out))
@@ -118,7 +128,7 @@ def run(clients: int, requests: int, docs: int, topk: int, url: str | None) -> d
             for t in threads:
                 t.join()
             seconds = time.perf_counter() - t0
-            new_conn = _new_connection_p50(host, port, path, queries, 100, topk)
+            new_conn, new_conn_errors = _new_connection(host, port, path, queries, 100, topk)
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGINT)
@@ -135,6 +145,7 @@ def run(clients: int, requests: int, docs: int, topk: int, url: str | None) -> d
         "topk": topk,
         "throughput_rps": round(len(lat) / seconds, 1),
         "new_connection_p50_ms": round(new_conn, 3),
+        "new_connection_errors": new_conn_errors,
         "cpu_count": os.cpu_count(),
     }
 

@@ -199,6 +199,11 @@ def test_resume_and_eval_fall_back_past_each_damaged_file(tiny_config: Path, tmp
     with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step-000003"):
         assert main(evaluate) == 0
     assert f"model: {run / 'checkpoints' / 'step-000002'}" in capsys.readouterr().out
+    # a damaged checkpoint named with --checkpoint: one line naming the file, exit 2 (no silent fallback)
+    named = ["eval", "--config", str(tiny_config), "--checkpoint", str(run / "checkpoints" / "step-000003")]
+    assert main(named) == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "step-000003: damaged (model.safetensors has" in errors[0], errors
     # none intact: one line, exit 2, for eval and for --resume
     for ckpt in list_checkpoints(run / "checkpoints"):
         _corrupt(ckpt / "trainer_state.json", "flip")

@@ -4,6 +4,8 @@ preset ← --config file ← --set, and task kwargs that stay with their task.""
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import typing
 from pathlib import Path
 
@@ -12,8 +14,10 @@ import yaml
 
 from treegrpo.cli import main
 from treegrpo.config import ROLLOUT_BOUNDS, Config, ConfigError, load_config
+from treegrpo.models import tiny_causal_lm
 from treegrpo.rollout import RolloutConfig
 from treegrpo.rollout_memory import (
+    BUILT_MODEL_CONTEXT,
     HOST_BYTES_PER_TOKEN,
     PROMPT_TOKENS,
     estimate_rollout_memory,
@@ -121,6 +125,9 @@ def test_memory_estimate_of_the_quickstart() -> None:
     assert problem is not None and "rollout.m=2 x (1 + rollout.n=2 x rollout.l=1)" in problem
     capped = estimate_rollout_memory(load_config(None, ["rollout.max_context_tokens=300"]))
     assert capped.tokens_per_trajectory == 300
+    long_steps = estimate_rollout_memory(load_config(None, ["policy.max_new_tokens=4000"]))
+    assert long_steps.tokens_per_trajectory == BUILT_MODEL_CONTEXT  # the built model's context cuts it
+    assert inspect.signature(tiny_causal_lm).parameters["max_positions"].default == BUILT_MODEL_CONTEXT
     chain = load_config(None, ["rollout.strategy=chain", "rollout.num_generations=5"])
     assert estimate_rollout_memory(chain).trajectories == 32 * 5
     assert "rollout.num_generations=5" in (rollout_memory_problem(chain, limit_bytes=1) or "")
@@ -195,3 +202,23 @@ def test_task_kwargs_stay_with_their_task(tmp_path: Path) -> None:
     p.write_text("data:\n  task: factbook\n  task_kwargs: {seed: 4}\n")
     assert load_config(p).data.task_kwargs == {"seed": 4}
     assert load_config(p, ["data.task=synthetic-kb"]).data.task_kwargs == {}
+
+
+def test_memory_estimate_reads_a_pretrained_models_shape(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 28,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 2,
+                "hidden_size": 2048,
+                "max_position_embeddings": 1000,
+            }
+        )
+    )
+    cfg = load_config(None, [f"model.path={tmp_path}", "model.dtype=bfloat16", "policy.max_new_tokens=500"])
+    est = estimate_rollout_memory(cfg)
+    assert est.kv_bytes_per_token == 2 * 28 * 2 * (2048 // 16) * 2  # GQA: 2 KV heads of 128, bf16
+    assert est.tokens_per_trajectory == 1000  # the model's context
+    unknown = estimate_rollout_memory(load_config(None, ["model.path=some-hub-name"]))
+    assert unknown.kv_bytes_per_token == 0 and unknown.generation_bytes == 0  # unknown: not counted

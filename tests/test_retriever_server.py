@@ -25,7 +25,7 @@ import pytest
 
 from treegrpo.cli import main
 from treegrpo.retrievers import BM25Retriever, HTTPRetriever, RetrieverError
-from treegrpo.retrievers.server import ServerLimits, make_server
+from treegrpo.retrievers.server import RetrieverServer, ServerLimits, make_app, make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -61,8 +61,11 @@ def _small(port: int) -> tuple[int, dict]:
 
 
 @pytest.fixture
-def server() -> Iterator[int]:
-    srv = make_server(BM25Retriever(docs=DOCS), port=0, limits=ServerLimits(body_timeout=0.5)).start()
+def server(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A server on an ephemeral port; `@pytest.mark.parametrize("server", [seconds], indirect=True)`
+    sets its body timeout (default 30 s, so a slow machine never turns a 413 into a 408)."""
+    timeout = getattr(request, "param", 30.0)
+    srv = make_server(BM25Retriever(docs=DOCS), port=0, limits=ServerLimits(body_timeout=timeout)).start()
     try:
         yield srv.server_address[1]
     finally:
@@ -143,6 +146,7 @@ def test_oversize_gets_413_while_a_concurrent_small_request_is_served(server: in
     assert _small(server)[0] == 200
 
 
+@pytest.mark.parametrize("server", [0.5], indirect=True)
 def test_short_body_times_out_with_408_and_does_not_block_others(server: int) -> None:
     with socket.create_connection(("127.0.0.1", server), timeout=10) as s:
         s.sendall(b'POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"queries": ')
@@ -236,6 +240,23 @@ def test_client_splits_a_large_wave_into_requests_the_server_accepts() -> None:
         with pytest.raises(RetrieverError, match="HTTP 413"):
             HTTPRetriever(url, max_batch=10, max_retries=0).search(queries, 2)
         assert HTTPRetriever(url, max_batch=4).search(queries, 2) == local.search(queries, 2)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout() -> None:
+    srv = RetrieverServer(make_app(BM25Retriever(docs=DOCS)), port=0, idle_timeout=0.5).start()
+    try:
+        port = srv.server_address[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # connects, never sends
+            assert s.recv(1) == b""  # closed by the server (a hang would hit the 10 s socket timeout)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # after a response, too
+            body = json.dumps({"queries": ["entity 3"], "topk": 1}).encode()
+            s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            assert _read_response(s)[0] == 200
+            assert s.recv(1) == b""
+        assert _small(port)[0] == 200
     finally:
         srv.shutdown()
         srv.server_close()

@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_explicit_checkpoint(checkpoint: str | None) -> None:
+    """`--checkpoint DIR` of a treegrpo checkpoint (it has a manifest) must be intact: no fallback here,
+    the user named this one. Plain model directories (no manifest) are loaded as they are."""
+    from treegrpo.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
+
+    if checkpoint and (Path(checkpoint) / MANIFEST).is_file():
+        problem = verify_checkpoint(Path(checkpoint))
+        if problem:
+            raise CheckpointError(f"--checkpoint {checkpoint}: damaged ({problem})")
+
+
 def _run(args: argparse.Namespace) -> int:
     from treegrpo.config import load_config
 
@@ -107,12 +118,14 @@ def _run(args: argparse.Namespace) -> int:
         flags = [("backend", args.backend), ("base_url", args.base_url), ("api_model", args.api_model)]
         extra = [f"policy.{k}={v}" for k, v in flags if v is not None]
         cfg = load_config(args.config, [*args.overrides, *extra], args.preset)
+        _check_explicit_checkpoint(args.checkpoint)
         evaluate_cli(cfg, checkpoint=args.checkpoint)
         return 0
     if args.command == "rollout":
         from treegrpo.commands import rollout_cli
 
         cfg = load_config(args.config, args.overrides, args.preset)
+        _check_explicit_checkpoint(args.checkpoint)
         rollout_cli(cfg, out=args.out, num_prompts=args.prompts, checkpoint=args.checkpoint)
         return 0
     if args.command == "report":

@@ -10,6 +10,7 @@ that could refuse a config that fits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -35,20 +36,27 @@ class RolloutMemory:
         return self.host_bytes + self.generation_bytes
 
 
-def _kv_bytes_per_token(cfg: Any) -> int:
-    """2 (K and V) x layers x KV width x bytes per element, for the built or on-disk model."""
+BUILT_MODEL_CONTEXT = 2048  # `models.tiny_causal_lm`'s max_positions: the built model's context
+
+
+def _model_shape(cfg: Any) -> tuple[int, int | None]:
+    """(KV bytes per token, context length) of the built or on-disk model; (0, None) when unknown.
+
+    KV bytes = 2 (K and V) x layers x KV heads x head size x bytes per element.
+    """
     dtype_bytes = _DTYPE_BYTES.get(cfg.model.dtype, 4)
     if not cfg.model.path:
-        return 2 * cfg.model.num_layers * cfg.model.hidden_size * dtype_bytes
+        return 2 * cfg.model.num_layers * cfg.model.hidden_size * dtype_bytes, BUILT_MODEL_CONTEXT
     try:
         hf = json.loads((Path(cfg.model.path) / "config.json").read_text(encoding="utf-8"))
         layers = int(hf["num_hidden_layers"])
         heads = int(hf["num_attention_heads"])
         head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
         kv_heads = int(hf.get("num_key_value_heads") or heads)
+        context = int(hf["max_position_embeddings"]) if hf.get("max_position_embeddings") else None
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        return 0  # a hub-style name resolved later, or an unusual config: unknown, so not counted
-    return 2 * layers * kv_heads * head_dim * dtype_bytes
+        return 0, None  # a hub-style name resolved later, or an unusual config: unknown, so not counted
+    return 2 * layers * kv_heads * head_dim * dtype_bytes, context
 
 
 def estimate_rollout_memory(cfg: Any) -> RolloutMemory:
@@ -56,12 +64,14 @@ def estimate_rollout_memory(cfg: Any) -> RolloutMemory:
     r, tc = cfg.rollout, cfg.trainer
     per_turn = cfg.policy.max_new_tokens + cfg.env.max_obs_tokens
     tokens = PROMPT_TOKENS + (cfg.env.max_turns + 1) * per_turn
-    if r.max_context_tokens is not None:
-        tokens = min(tokens, r.max_context_tokens)
+    kv, model_context = _model_shape(cfg)
+    context = r.max_context_tokens if r.max_context_tokens is not None else model_context
+    if context is not None:  # the sampler cuts every branch at the context (the model's, by default)
+        tokens = min(tokens, context)
     trajectories = tc.prompts_per_step * r.group_size
     branches = r.num_generations if r.strategy == "chain" else r.m * max(1, r.n)
     widest = tc.prompts_per_step * branches
-    kv = _kv_bytes_per_token(cfg) if cfg.policy.backend == "hf" else 0
+    kv = kv if cfg.policy.backend == "hf" else 0
     return RolloutMemory(
         trajectories=trajectories,
         tokens_per_trajectory=tokens,
@@ -73,10 +83,18 @@ def estimate_rollout_memory(cfg: Any) -> RolloutMemory:
 
 
 def physical_memory_bytes() -> int | None:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    """Physical memory, or the container's cgroup limit when that is lower (None if unknown)."""
+    sizes = []
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        sizes.append(int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES")))
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < 1 << 60:  # "max" or a huge sentinel means no limit
+            sizes.append(int(raw))
+    return min(sizes) if sizes else None
 
 
 def _size(n: float) -> str:
@@ -102,10 +120,8 @@ def rollout_memory_problem(cfg: Any, limit_bytes: int | None = None) -> str | No
         else f"rollout.m={r.m} x (1 + rollout.n={r.n} x rollout.l={r.l})"
     )
     length = (
-        f"rollout.max_context_tokens={r.max_context_tokens}"
-        if r.max_context_tokens is not None and est.tokens_per_trajectory == r.max_context_tokens
-        else f"env.max_turns={cfg.env.max_turns}, policy.max_new_tokens={cfg.policy.max_new_tokens}, "
-        f"env.max_obs_tokens={cfg.env.max_obs_tokens}"
+        f"env.max_turns={cfg.env.max_turns}, policy.max_new_tokens={cfg.policy.max_new_tokens}, "
+        f"env.max_obs_tokens={cfg.env.max_obs_tokens}, capped by rollout.max_context_tokens or the model's context"
     )
     kv = (
         f" plus the KV cache of {est.widest_wave:,} branches decoded together ({_size(est.generation_bytes)})"
