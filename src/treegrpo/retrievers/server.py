@@ -8,7 +8,8 @@ One shared index for many rollout workers. ``POST /retrieve {"queries": [...], "
 Hardening, because a shared server must survive its clients: the body size, the number of queries,
 ``topk`` and the total number of hits per request are bounded (413 / 400 with a JSON ``error``); a body
 that arrives slower than ``body_timeout`` (e.g. shorter than its Content-Length) gets 408 instead of
-holding a connection; large requests are searched in worker threads so they do not stall small ones
+holding a connection, and a connection idle for ``idle_timeout`` (before its first request, too) is
+closed; large requests are searched in worker threads so they do not stall small ones
 (a lookup of a few queries, ~0.2 ms of BM25, is answered on the event loop: the thread hop costs more);
 the socket is bound (so a busy port is a one-line error) before anything says "serving"; the listen
 backlog is 2048; asyncio sets TCP_NODELAY on every connection, so kept-alive clients do not wait on
