@@ -24,6 +24,9 @@ def main() -> None:
 
     cfg = load_config(None, blob["overrides"])
     model = blob["model"]
+    if int(os.environ["RANK"]) > 0:  # a rank-dependent start: the trainer must take rank 0's weights
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
     parts = RunParts(model=model, tokenizer=blob["tokenizer"], env=None, train_rows=[{}] * 64, eval_rows=[])
     trainer = Trainer(cfg, parts, out_dir / "run")
     assert trainer.world == int(os.environ["WORLD_SIZE"]), trainer.world

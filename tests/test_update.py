@@ -276,6 +276,9 @@ class RecordingDist(DistContext):
     def barrier(self) -> None:
         self.trace.append(("barrier",))
 
+    def broadcast_parameters(self, module) -> None:  # noqa: ANN001
+        self.trace.append(("broadcast",))
+
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_runs_the_same_collectives_whatever_its_trees(tmp_path: Path, tok, world: int) -> None:

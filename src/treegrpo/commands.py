@@ -67,6 +67,8 @@ def evaluate_cli(cfg: Config, checkpoint: str | None = None) -> dict[str, float]
 
 def rollout_cli(cfg: Config, out: str, num_prompts: int, checkpoint: str | None = None) -> None:
     parts, _ = _model_for_cli(cfg, checkpoint)
+    if num_prompts > len(parts.train_rows):
+        raise UserError(f"--prompts: {num_prompts} is more than the {len(parts.train_rows)} training rows")
     rows = batch_rows(parts.train_rows, 0, num_prompts, cfg.seed)
     policy = make_policy(parts.model, parts.tokenizer, cfg, greedy=False, seed=cfg.seed, training=False)
     rcfg = cfg.rollout

@@ -231,7 +231,8 @@ __all__ = [
 # epochs takes the tail of one and the head of the next; so that it never holds a row twice, the next
 # epoch's permutation moves the rows of that tail out of its head (it stays a permutation: every row
 # exactly once per epoch). The stream is a pure function of (rows, seed, batch size, position), so a
-# resumed run draws exactly the batches of the uninterrupted one.
+# resumed run draws exactly the batches of the uninterrupted one. (Resuming with another prompts_per_step
+# re-plans the boundaries: the epoch in progress may then repeat or skip a few rows, never within a batch.)
 
 
 def data_order(n: int, seed: int, epoch: int) -> np.ndarray:

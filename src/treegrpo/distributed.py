@@ -88,6 +88,15 @@ class DistContext:
         if self.is_main:
             self.barrier()
 
+    def broadcast_parameters(self, module: torch.nn.Module) -> None:
+        """Copy process 0's parameters and buffers to every process (what DDP does when it wraps a model),
+        so ranks start identical even if something in model building depended on the rank."""
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                torch.distributed.broadcast(t.data, src=0)
+
     def all_reduce_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum every trainable parameter's gradient over processes, in flat buckets.
 

@@ -1,10 +1,10 @@
-"""Mixed precision the standard way: fp32 master weights and optimizer state, bf16/fp16 compute.
+"""Mixed precision the standard way: fp32 master weights and optimizer state, bf16 compute.
 
 `model.dtype: bfloat16` loads the checkpoint in bf16 (half the memory while loading); then every
 *trainable* parameter is upcast to fp32, so AdamW's state and its updates live in fp32 (at lr 1e-6 a
-bf16 weight near 0.02 would not move: its spacing there is ~7.8e-5), and forwards run under
+bf16 weight near 0.02 would not move: its spacing there is 2^-13 ≈ 1.2e-4), and forwards run under
 `torch.autocast` in the configured dtype. Frozen parameters (a LoRA base, the reference model) stay in
-the compute dtype.
+the compute dtype. float16 training is refused by the trainer (it would need loss scaling).
 """
 
 from __future__ import annotations

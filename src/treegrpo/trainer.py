@@ -114,6 +114,7 @@ class Trainer:
             )
         # Placement first, then the reference: a copy of the placed (and warm-started) policy.
         self.model = place_model(parts.model, self.dist.device)
+        self.dist.broadcast_parameters(self.model)  # every rank starts from rank 0's weights
         warm = "sft" in (parts.warmstart or {})
         self.ref_model = reference_model(self.model, warm, self.compute_dtype) if tc.beta > 0 else None
         params = [p for p in self.model.parameters() if p.requires_grad]
