@@ -134,8 +134,11 @@ def test_processes_match_one_process_on_the_same_global_batch(tmp_path: Path, wo
         # The summed gradient is the single-process gradient (a wrong normalization, e.g. a missing
         # world-size factor, would show here: Adam's update below is nearly scale-invariant).
         assert m["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
-        for k in ("loss", "pg_loss", "kl", "entropy", "clipfrac", "approx_kl", "ratio_mean", "ratio_max"):
+        for k in ("loss", "pg_loss", "kl", "entropy", "clipfrac", "ratio_mean", "ratio_max"):
             assert m[k] == pytest.approx(expected[k], rel=1e-5, abs=1e-8), k
+        # approx_kl is a mean of (old - new) log-prob differences of ~1e-4: pure cancellation, so the fp32
+        # rounding of log-probs (~1e-7 each, batched differently per rank) is its resolution.
+        assert m["approx_kl"] == pytest.approx(expected["approx_kl"], abs=1e-7)
         for k, v in got["state"].items():
             # Adam's first step is ~lr * sign(g): rounding noise on near-zero gradients moves weights ~1e-6.
             torch.testing.assert_close(v, ref[k].detach().cpu(), atol=2e-5, rtol=1e-5, msg=k)
