@@ -45,6 +45,19 @@ def _trainer(tmp_path: Path, tok, model, *sets: str) -> Trainer:
     return Trainer(cfg, RunParts(model, tok, AppleEnv(), ROWS, []), tmp_path / "run", DistContext())
 
 
+def assert_same_adam_steps(a: torch.Tensor, b: torch.Tensor, name: str = "", lr: float = 0.01) -> None:
+    """Weights after the same two Adam steps, reached through differently batched (fp32-rounded) gradients.
+
+    Adam's first steps are lr·g/(|g| + eps): a gradient element near eps turns rounding noise into a move of
+    up to lr. So all but a few elements (≤ 0.1%) must agree to 2e-5, and none may differ by more than the
+    two steps' largest possible move, 2·lr.
+    """
+    diff = (a - b).detach().abs()
+    off = int((diff > 2e-5 + 1e-5 * b.detach().abs()).sum())
+    assert off <= max(1, diff.numel() // 1000), (name, off, float(diff.max()))
+    assert float(diff.max()) <= 2 * lr, (name, float(diff.max()))
+
+
 def _batch(trainer: Trainer):
     """One rollout with non-trivial advantages on every leaf."""
     forests, _, _ = trainer.rollout()
@@ -87,8 +100,7 @@ def test_metrics_are_the_same_for_1_and_4_accumulation_steps(tmp_path: Path, tok
     ):
         assert ma[k] == pytest.approx(mb[k], rel=1e-5, abs=1e-7), k
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
-        # Adam's first steps are ~lr * sign(g): rounding noise on near-zero gradients moves weights ~1e-5.
-        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-5)
+        assert_same_adam_steps(pa, pb)
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
@@ -331,8 +343,7 @@ def test_every_packing_mode_trains_like_leaf_packing(tmp_path: Path, tok, packin
     for k in ("loss", "pg_loss", "kl", "entropy"):
         assert m_other[k] == pytest.approx(m_leaf[k], rel=1e-5, abs=1e-7), k
     for (name, p), q in zip(leaf.model.named_parameters(), other.model.parameters(), strict=True):
-        # As above: Adam's first steps are ~lr * sign(g), so rounding noise on near-zero gradients shows.
-        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-5, msg=name)
+        assert_same_adam_steps(p, q, name)
     moved = sum(
         float((p - q).detach().abs().sum())
         for p, q in zip(leaf.model.parameters(), model.parameters(), strict=True)

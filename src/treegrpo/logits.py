@@ -76,18 +76,24 @@ def _chunk_scores(
     logits = head(hidden)
     if post is not None:
         logits = post(logits)
-    x = logits.float()
-    del logits
-    if temperature != 1.0:
-        x = x / temperature
-    logp = torch.log_softmax(x, dim=-1)
-    del x
-    lp = logp.gather(-1, targets[:, None]).squeeze(-1)
-    if not entropy:
-        return lp, torch.zeros_like(lp)
-    # H = -Σ p·log p as a batched dot product: no third (chunk, V) tensor for the product
-    ent = -torch.bmm(logp.exp()[:, None, :], logp[:, :, None]).reshape(-1)
-    return lp, ent
+    with _fp32(logits):  # under bf16 autocast the bmm below would round the entropy to bf16
+        x = logits.float()
+        del logits
+        if temperature != 1.0:
+            x = x / temperature
+        logp = torch.log_softmax(x, dim=-1)
+        del x
+        lp = logp.gather(-1, targets[:, None]).squeeze(-1)
+        if not entropy:
+            return lp, torch.zeros_like(lp)
+        # H = -Σ p·log p as a batched dot product: no third (chunk, V) tensor for the product
+        ent = -torch.bmm(logp.exp()[:, None, :], logp[:, :, None]).reshape(-1)
+        return lp, ent
+
+
+def _fp32(x: Tensor) -> Any:
+    """No autocast: the log-softmax, entropy and their gradients stay float32 whatever the compute dtype."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 class _ChunkScores(torch.autograd.Function):
@@ -117,7 +123,7 @@ class _ChunkScores(torch.autograd.Function):
             logits = parts.head(h)
             if parts.post is not None:
                 logits = parts.post(logits)
-        with torch.no_grad():
+        with torch.no_grad(), _fp32(logits):
             buf = torch.log_softmax(logits.detach().float() / temp, dim=-1)  # log p
             p = buf.exp()
             g_lp = g_lp.float()
