@@ -1,4 +1,4 @@
-"""`treegrpo` command line: train, eval, rollout, serve-retriever, config show.
+"""`treegrpo` command line: train, eval, rollout, serve-retriever, serve-policy, config show.
 
 User-facing errors (bad config, data, paths, unreachable services) print one line and exit 2;
 `--debug` shows the traceback instead.
@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
 
+    p = sub.add_parser("serve-policy", help="serve the policy over an OpenAI-compatible completions API")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint or model directory (default: the run's latest)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
+
     p = sub.add_parser("config", help="configuration helpers")
     csub = p.add_subparsers(dest="config_command")
     show = csub.add_parser("show", help="print the effective config as YAML")
@@ -105,6 +111,12 @@ def _run(args: argparse.Namespace) -> int:
             f"serving {args.corpus} on http://{args.host}:{args.port}/retrieve (Ctrl-C to stop)", flush=True
         )
         serve(retriever, host=args.host, port=args.port)
+        return 0
+    if args.command == "serve-policy":
+        from treegrpo.policy_server import serve_policy_cli
+
+        cfg = load_config(args.config, args.overrides, args.preset)
+        serve_policy_cli(cfg, args.checkpoint, host=args.host, port=args.port)
         return 0
     if args.command == "config":
         if args.config_command != "show":
