@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,9 @@ class PolicyEngine:
             else:
                 if self._active == name:
                     self._activate(None)
-                self.model.delete_adapter(name)
+                with warnings.catch_warnings():  # peft notes which adapter it makes active instead
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.model.delete_adapter(name)
             self._active = "\0"
 
     # -- full weights -------------------------------------------------------------------------------

@@ -382,16 +382,20 @@ class BackgroundServer:
         self._sock.close()
 
 
-def serve_policy_cli(
-    cfg: Any, checkpoint: str | None, host: str, port: int, limits: ServerLimits | None = None
-) -> None:
-    """`treegrpo serve-policy`: the model `train` would build (same config resolution), optionally a checkpoint."""
+def engine_for_config(cfg: Any, checkpoint: str | None = None) -> PolicyEngine:
+    """The model `train` would build from `cfg` (or a checkpoint of it), as a `PolicyEngine`."""
     from treegrpo.policy_engine import checkpoint_step
     from treegrpo.trainer import _model_for_cli  # the trainer's own model assembly (moves with #11's split)
 
     parts, ckpt = _model_for_cli(cfg, checkpoint)
     step = checkpoint_step(ckpt) if ckpt is not None else None
-    engine = PolicyEngine(
+    return PolicyEngine(
         parts.model, parts.tokenizer, name=cfg.policy.api_model or cfg.name, version=step or 0
     )
-    serve(engine, host=host, port=port, limits=limits)
+
+
+def serve_policy_cli(
+    cfg: Any, checkpoint: str | None, host: str, port: int, limits: ServerLimits | None = None
+) -> None:
+    """`treegrpo serve-policy`: the model `train` would build (same config resolution), optionally a checkpoint."""
+    serve(engine_for_config(cfg, checkpoint), host=host, port=port, limits=limits)

@@ -1,0 +1,266 @@
+"""Rollouts on `serve-policy` servers: sticky routing, prefix reuse, weight sync, staleness (real HTTP)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import urllib.request
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from policy_servers import serve_models
+from treegrpo.models import tiny_causal_lm
+from treegrpo.policies import HFPolicy
+from treegrpo.policies.routing import (
+    RoutedPolicy,
+    StickyKeys,
+    ids_hash,
+    parse_base_urls,
+    rendezvous,
+    served_policy,
+)
+from treegrpo.protocols import Policy, StepResult
+from treegrpo.rollout import RolloutConfig, sample_forests
+from treegrpo.tokenizer import train_tokenizer
+from treegrpo.tree import ActionKind
+from treegrpo.weight_sync import (
+    FullWeightSync,
+    LoraSync,
+    NoSync,
+    StaleRolloutError,
+    check_staleness,
+    logprob_mismatch,
+    make_weight_sync,
+    staleness,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(["who founded the company ? search answer the fox jumps over a lazy dog ."])
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_causal_lm(tok, hidden=32, layers=1, heads=4, seed=5)
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_url_parsing_and_hashing():
+    assert parse_base_urls("http://a:1, http://b:2,,http://a:1") == ["http://a:1", "http://b:2"]
+    assert parse_base_urls(["http://a:1"]) == ["http://a:1"]
+    with pytest.raises(ValueError, match="no server URL"):
+        parse_base_urls(" , ")
+    assert ids_hash([1, 2, 3]) == ids_hash(np.array([1, 2, 3])) != ids_hash([1, 2, 4])
+    picks = [rendezvous(k, 3) for k in range(300)]
+    assert set(picks) == {0, 1, 2} and min(picks.count(i) for i in range(3)) > 60  # balanced
+    assert [rendezvous(k, 3) for k in range(300)] == picks  # stable
+    # adding a 4th server only moves keys onto the new server
+    assert all(rendezvous(k, 4) in (p, 3) for k, p in enumerate(picks))
+    keys = StickyKeys(fallback_tokens=2)
+    a, b = keys.register([5, 6, 7]), keys.register([5, 6, 7, 8, 9])
+    assert keys.key_of([5, 6, 7, 1, 1]) == a  # extends the first prompt only
+    assert keys.key_of([5, 6, 7, 8, 9, 4]) == b  # the longest registered prompt wins
+    assert keys.key_of([9, 9, 9]) == keys.key_of([9, 9, 1]) == ids_hash([9, 9])  # fallback: first tokens
+
+
+def _prompts_on_both(tok, policy: RoutedPolicy, texts: list[str]) -> list[list[int]]:
+    prompts = [policy.encode_prompt(ids(tok, t)) for t in texts]
+    servers = [rendezvous(ids_hash(p), 2) for p in prompts]
+    assert set(servers) == {0, 1}, servers  # the test needs both servers used
+    return prompts
+
+
+def test_sticky_siblings_hit_one_servers_prefix_cache(model, tok):
+    """Four siblings per prompt: sticky sends them to one server, which prefills the prompt once."""
+    texts = ["who founded the company ?", "the fox jumps over", "over a lazy dog", "company ? search"]
+    with serve_models([model, model], tok) as servers:
+        urls = ",".join(s.url for s in servers)
+        for routing in ("sticky", "round_robin"):
+            for s in servers:
+                s.engine.policy.clear_cache()
+            pol = served_policy(
+                urls, tok, routing=routing, seed=1, client_kwargs={"max_new_tokens": 6, "max_context": 2048}
+            )
+            assert isinstance(pol, Policy)
+            before = [health(s.url) for s in servers]
+            prompts = _prompts_on_both(tok, pol, texts)
+            contexts = [p for p in prompts for _ in range(4)]
+            out = pol.generate(contexts)
+            assert len(out) == 16 and all(len(s.token_ids) == len(s.logprobs) > 0 for s in out)
+            after = [health(s.url) for s in servers]
+            prefill = sum(
+                a["prefill_tokens"] - b["prefill_tokens"] for a, b in zip(after, before, strict=True)
+            )
+            routes = defaultdict(set)
+            for (key, server), ctx in zip(pol.last_routes, contexts, strict=True):
+                routes[tuple(ctx)].add(server)
+                assert key == ids_hash(ctx)
+            if routing == "sticky":
+                assert all(len(v) == 1 for v in routes.values())  # every sibling on one server
+                # each prompt prefilled once, then one token per further sibling
+                assert prefill == sum(len(p) + 3 for p in prompts)
+                sticky_prefill = prefill
+                assert pol.stats["prefill_tokens"] == prefill  # the client reads cached_tokens from usage
+                assert pol.server_prefix_hit == pytest.approx(1 - prefill / sum(len(c) for c in contexts))
+            else:
+                assert all(len(v) == 2 for v in routes.values())  # siblings split over both servers
+                assert prefill == sum(2 * (len(p) + 1) for p in prompts)
+                assert prefill > sticky_prefill
+
+
+class _Env:
+    """Two searches then an answer; the observation grows every context."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+
+    def start(self, row):
+        return (row["q"], 0), ids(self.tok, row["q"])
+
+    def step(self, states, actions):
+        return [
+            StepResult(
+                state=(q, n + 1),
+                observation=" the fox ." if n + 1 < 3 else "",
+                done=n + 1 >= 3,
+                action=ActionKind.SEARCH if n + 1 < 3 else ActionKind.ANSWER,
+                tool_calls=int(n + 1 < 3),
+            )
+            for (q, n), _ in zip(states, actions, strict=True)
+        ]
+
+    def reward(self, state):
+        return float(state[1] == 3)
+
+
+def test_tree_rollout_sticky_every_node_on_one_server(model, tok):
+    rows = [
+        {"q": q}
+        for q in ("who founded the company ?", "the fox jumps", "over a lazy dog", "company ? search")
+    ]
+    with serve_models([model, model], tok) as servers:
+        pol = served_policy(
+            ",".join(s.url for s in servers),
+            tok,
+            seed=2,
+            client_kwargs={"max_new_tokens": 5, "max_context": 2048},
+        )
+        seen: dict[int, set[int]] = defaultdict(set)
+        inner = pol.generate
+
+        def spy(contexts):
+            out = inner(contexts)
+            for key, server in pol.last_routes:
+                seen[key].add(server)
+            return out
+
+        pol.generate = spy  # type: ignore[method-assign]
+        cfg = RolloutConfig(strategy="random", m=2, n=2, l=1)
+        res = sample_forests(rows, ["a", "b", "c", "d"], pol, _Env(tok), cfg, np.random.default_rng(0))
+        roots = {ids_hash(ids(tok, r["q"])) for r in rows}
+        assert set(seen) == roots  # every context was keyed by its tree's root prompt
+        assert all(len(s) == 1 for s in seen.values())  # and all of a tree's nodes went to one server
+        assert {next(iter(s)) for s in seen.values()} == {0, 1}
+        hs = [health(s.url) for s in servers]
+        assert sum(h["prompt_tokens"] for h in hs) == pol.stats["prompt_tokens"]
+        assert (
+            sum(h["prefill_tokens"] for h in hs)
+            == pol.stats["prefill_tokens"]
+            == res.budget["prefill_tokens_reported"]
+        )
+        assert pol.server_prefix_hit > 0.5  # later steps and expansions reuse the earlier KV
+        assert pol.take_versions() == [0] * pol.stats["requests"] and pol.take_versions() == []
+
+
+def _lora_model(model, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    m = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    _nudge(m, 0.5, only="lora_B")
+    return m
+
+
+def _nudge(m, scale: float, only: str = "") -> None:
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if only in n and p.is_floating_point():
+                p.add_(torch.randn_like(p) * scale)
+
+
+def _served_vs_local(pol, local_model, tok, ctxs) -> float:
+    """Mean |served − in-process| log-prob over the served greedy steps."""
+    got = pol.generate(ctxs)
+    ref = HFPolicy(local_model, tok, greedy=True, max_new_tokens=8, stop_strings=())
+    want = ref.generate(ctxs)
+    if [g.token_ids for g in got] != [w.token_ids for w in want]:
+        return float("inf")
+    return logprob_mismatch([x for g in got for x in g.logprobs], [x for w in want for x in w.logprobs])
+
+
+def test_lora_sync_follows_trainer_and_stale_guard(model, tok, tmp_path):
+    trainer = _lora_model(model, seed=0)
+    ctxs = [ids(tok, "who founded the company ?"), ids(tok, "the fox")]
+    with serve_models([model, model], tok) as servers:
+        urls = ",".join(s.url for s in servers)
+        kw = {"max_new_tokens": 8, "max_context": 2048, "greedy": True, "stop_strings": ()}
+        pol = served_policy(urls, tok, client_kwargs=kw)
+        sync = make_weight_sync("auto", trainer, tmp_path / "sync", urls, pol)
+        assert isinstance(sync, LoraSync)
+        for step in (0, 1, 2, 3):
+            if step:
+                _nudge(trainer, 0.3, only="lora_")  # an "optimizer step"
+            assert sync.sync(trainer, step) == step
+            assert pol.model_name == f"step-{step}" and pol.version == step
+            assert _served_vs_local(pol, trainer, tok, ctxs) < 1e-5  # rounding level
+            assert set(pol.take_versions()) == {step}
+            assert check_staleness(step, [step, step], max_staleness=0) == 0
+        for s in servers:
+            assert health(s.url)["adapters"] == {"step-2": 2, "step-3": 3}  # keep_last=2: older unloaded
+        assert sorted(p.name for p in (tmp_path / "sync").iterdir()) == ["step-000002", "step-000003"]
+
+        frozen = served_policy(urls, tok, client_kwargs=kw)  # sync disabled: the servers keep version 0
+        off = NoSync(frozen.version)
+        versions = []
+        for step in (1, 2):
+            _nudge(trainer, 0.3, only="lora_")
+            assert off.sync(trainer, step) == 0
+            assert _served_vs_local(frozen, trainer, tok, ctxs) > 1e-3  # the mismatch grows
+            versions = frozen.take_versions()
+        assert staleness(2, versions) == 2
+        with pytest.raises(StaleRolloutError, match="max_staleness"):
+            check_staleness(2, versions, max_staleness=1)
+
+
+def test_full_weight_sync_reloads_servers(model, tok, tmp_path):
+    trainer = copy.deepcopy(model)
+    ctxs = [ids(tok, "a lazy dog ."), ids(tok, "the fox jumps")]
+    with serve_models([model], tok) as servers:
+        kw = {"max_new_tokens": 8, "max_context": 2048, "greedy": True, "stop_strings": ()}
+        pol = served_policy(servers[0].url, tok, client_kwargs=kw)
+        sync = make_weight_sync("full", trainer, tmp_path / "full", servers[0].url, pol)
+        assert isinstance(sync, FullWeightSync)
+        _nudge(trainer, 0.2)
+        assert _served_vs_local(pol, trainer, tok, ctxs) > 1e-3  # not synced yet
+        assert sync.sync(trainer, 1) == 1 and pol.version == 1 and health(servers[0].url)["version"] == 1
+        assert _served_vs_local(pol, trainer, tok, ctxs) < 1e-5
+        assert pol.model_name == "tiny"  # full weights keep the served name
+        with pytest.raises(Exception, match="lora needs a LoRA"):
+            make_weight_sync("lora", trainer, tmp_path / "x", servers[0].url, pol).sync(trainer, 2)
