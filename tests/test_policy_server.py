@@ -278,3 +278,33 @@ def test_sixteen_concurrent_clients_served_or_refused(model, tok):
         assert codes.count(200) >= 7  # at least the one generating plus the queue's capacity
         health = get(srv.url + "/health")
         assert health["status"] == "ok" and health["requests"] == codes.count(200)
+
+
+def test_concurrent_requests_are_batched_and_equal_alone(model, tok):
+    """Waiting requests with the same settings share one batched generate call; greedy results are unchanged."""
+    engine = PolicyEngine(copy.deepcopy(model), tok, name="tiny")
+    prompts = [
+        ids(tok, t) for t in ("the fox", "a lazy dog", "who founded", "over the", "search the fox jumps")
+    ]
+    prompts += [p + [7] for p in prompts[:3]]
+    ref = HFPolicy(model, tok, greedy=True, max_new_tokens=16, stop_strings=(), prefix_cache_tokens=0)
+    want = [ref.generate([p])[0] for p in prompts]
+    with BackgroundServer(engine) as srv:
+        got: dict[int, dict[str, Any]] = {}
+
+        def client(i: int) -> None:
+            body = {"prompt": prompts[i], "max_tokens": 16, "temperature": 0, "logprobs": 1}
+            got[i] = post(srv.url + "/v1/completions", body)[1]["choices"][0]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        with engine.lock:  # hold the engine so that every request queues up, then release them together
+            for t in threads:
+                t.start()
+            while len(engine._queue) < len(prompts):
+                threading.Event().wait(0.01)
+        for t in threads:
+            t.join(timeout=120)
+    for i, w in enumerate(want):
+        assert got[i]["token_ids"] == w.token_ids
+        assert got[i]["logprobs"]["token_logprobs"] == pytest.approx(w.logprobs, abs=1e-5)
+    assert engine.stats["requests"] == len(prompts) and engine.stats["batches"] == 1

@@ -15,7 +15,6 @@ from policy_servers import serve_models
 from treegrpo.models import tiny_causal_lm
 from treegrpo.policies import HFPolicy
 from treegrpo.policies.routing import (
-    RoutedPolicy,
     StickyKeys,
     ids_hash,
     parse_base_urls,
@@ -77,49 +76,57 @@ def test_url_parsing_and_hashing():
     assert keys.key_of([9, 9, 9]) == keys.key_of([9, 9, 1]) == ids_hash([9, 9])  # fallback: first tokens
 
 
-def _prompts_on_both(tok, policy: RoutedPolicy, texts: list[str]) -> list[list[int]]:
-    prompts = [policy.encode_prompt(ids(tok, t)) for t in texts]
-    servers = [rendezvous(ids_hash(p), 2) for p in prompts]
-    assert set(servers) == {0, 1}, servers  # the test needs both servers used
-    return prompts
-
-
 def test_sticky_siblings_hit_one_servers_prefix_cache(model, tok):
-    """Four siblings per prompt: sticky sends them to one server, which prefills the prompt once."""
+    """An expansion's siblings share their node's context: sticky sends them where that context's KV is."""
     texts = ["who founded the company ?", "the fox jumps over", "over a lazy dog", "company ? search"]
+    obs = ids(tok, " the fox .")
     with serve_models([model, model], tok) as servers:
         urls = ",".join(s.url for s in servers)
         for routing in ("sticky", "round_robin"):
             for s in servers:
-                s.engine.policy.clear_cache()
+                s.engine.reset_prefix_cache()
             pol = served_policy(
                 urls, tok, routing=routing, seed=1, client_kwargs={"max_new_tokens": 6, "max_context": 2048}
             )
             assert isinstance(pol, Policy)
+            prompts = [pol.encode_prompt(ids(tok, t)) for t in texts]
+            first = pol.generate(prompts)  # the nodes' own steps
+            assert {srv for _, srv in pol.last_routes} == {0, 1}  # both servers used
+            homes = [srv for _, srv in pol.last_routes]
+            # four siblings expanded from each node: context = prompt + step + observation
+            contexts = [p + f.token_ids + obs for p, f in zip(prompts, first, strict=True) for _ in range(4)]
             before = [health(s.url) for s in servers]
-            prompts = _prompts_on_both(tok, pol, texts)
-            contexts = [p for p in prompts for _ in range(4)]
             out = pol.generate(contexts)
             assert len(out) == 16 and all(len(s.token_ids) == len(s.logprobs) > 0 for s in out)
             after = [health(s.url) for s in servers]
             prefill = sum(
                 a["prefill_tokens"] - b["prefill_tokens"] for a, b in zip(after, before, strict=True)
             )
+            reused = sum(
+                a["prefix_reuse_tokens"] - b["prefix_reuse_tokens"]
+                for a, b in zip(after, before, strict=True)
+            )
             routes = defaultdict(set)
-            for (key, server), ctx in zip(pol.last_routes, contexts, strict=True):
-                routes[tuple(ctx)].add(server)
-                assert key == ids_hash(ctx)
+            for j, (key, server) in enumerate(pol.last_routes):
+                routes[j // 4].add(server)
+                assert key == ids_hash(prompts[j // 4])  # keyed by the tree's root prompt
             if routing == "sticky":
-                assert all(len(v) == 1 for v in routes.values())  # every sibling on one server
-                # each prompt prefilled once, then one token per further sibling
-                assert prefill == sum(len(p) + 3 for p in prompts)
-                sticky_prefill = prefill
-                assert pol.stats["prefill_tokens"] == prefill  # the client reads cached_tokens from usage
-                assert pol.server_prefix_hit == pytest.approx(1 - prefill / sum(len(c) for c in contexts))
+                assert all(routes[i] == {homes[i]} for i in range(4))  # siblings on their node's server
+                # nothing of the node's context before its last step token was recomputed (siblings batched
+                # together each prefill that token and the observation; one served after another, less)
+                assert 16 <= prefill <= 16 * (1 + len(obs))
+                assert reused >= sum(
+                    4 * (len(p) + len(f.token_ids) - 1) for p, f in zip(prompts, first, strict=True)
+                )
+                assert pol.stats["prefill_tokens"] == sum(len(p) for p in prompts) + prefill  # from usage
+                total = sum(len(c) for c in prompts + contexts)
+                assert pol.server_prefix_hit == pytest.approx(1 - pol.stats["prefill_tokens"] / total)
             else:
                 assert all(len(v) == 2 for v in routes.values())  # siblings split over both servers
-                assert prefill == sum(2 * (len(p) + 1) for p in prompts)
-                assert prefill > sticky_prefill
+                # the siblings sent away from their node's server recompute its whole context there
+                assert prefill >= sum(
+                    len(p) + len(f.token_ids) + len(obs) for p, f in zip(prompts, first, strict=True)
+                )
 
 
 class _Env:

@@ -47,6 +47,20 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     model: str = ""  # the served name, or a loaded adapter's name
 
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one batched generate call."""
+        return (self.max_tokens, self.temperature, self.top_p, self.stop, self.model)
+
+
+class _Slot:
+    """A request waiting for the engine, and then its answer."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.done = False
+        self.result: list[Completion] = []
+        self.error: Exception | None = None
+
 
 @dataclass
 class Completion:
@@ -85,8 +99,12 @@ class PolicyEngine:
         version: int = 0,
         prefix_cache_tokens: int = 32768,
         max_context: int | None = None,
+        max_batch_rows: int = 64,
     ) -> None:
         self.model = model
+        self.max_batch_rows = max_batch_rows
+        self._queue: list[_Slot] = []
+        self._queue_lock = threading.Lock()
         self.tokenizer = tokenizer
         self.name = name
         self.version = int(version)
@@ -103,6 +121,7 @@ class PolicyEngine:
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
         self.stats["reloads"] = 0
         self.stats["adapter_loads"] = 0
+        self.stats["batches"] = 0
         self._stop_masks: dict[tuple[str, ...], Any] = {}
         self.policy = self._new_policy()
         self.max_context = max_context or self.policy.max_context
@@ -125,31 +144,72 @@ class PolicyEngine:
         raise EngineError(f"The model `{model}` does not exist.", status=404)
 
     def generate(self, params: SamplingParams) -> list[Completion]:
-        """Sample every prompt of the request in one batched call (the caller holds no lock)."""
+        """Sample every prompt of the request; concurrent compatible requests are batched together.
+
+        A request waits for the engine; whoever holds it next takes every waiting request with the same
+        sampling settings (up to `max_batch_rows` prompts) into one batched `HFPolicy.generate` call. A
+        request that runs alone is reproducible from its `seed`; in a shared batch the first request's seed
+        seeds the batch.
+        """
+        slot = _Slot(params)
+        with self._queue_lock:
+            self._queue.append(slot)
         with self.lock:
-            version = self.version_for(params.model)
-            self._activate(None if not params.model or params.model == self.name else params.model)
+            if not slot.done:
+                self._run_batch(self._take_batch(slot))
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    def _take_batch(self, lead: _Slot) -> list[_Slot]:
+        """`lead` plus the waiting requests it can share a batch with (oldest first, bounded rows)."""
+        key = lead.params.batch_key()
+        batch, rows = [lead], len(lead.params.prompts)
+        with self._queue_lock:
+            self._queue.remove(lead)
+            for s in list(self._queue):
+                n = len(s.params.prompts)
+                if s.params.batch_key() == key and rows + n <= self.max_batch_rows:
+                    batch.append(s)
+                    rows += n
+                    self._queue.remove(s)
+        return batch
+
+    def _run_batch(self, batch: list[_Slot]) -> None:
+        """Run `batch` (engine lock held); every slot gets its results or the error."""
+        lead = batch[0].params
+        try:
+            version = self.version_for(lead.model)
+            self._activate(None if not lead.model or lead.model == self.name else lead.model)
             pol = self.policy
-            pol.greedy = params.temperature == 0.0
-            pol.temperature = 1.0 if pol.greedy else params.temperature
-            pol.top_p = params.top_p
-            pol.max_new_tokens = params.max_tokens
-            self._set_stops(params.stop)
-            seed = params.seed
+            pol.greedy = lead.temperature == 0.0
+            pol.temperature = 1.0 if pol.greedy else lead.temperature
+            pol.top_p = lead.top_p
+            pol.max_new_tokens = lead.max_tokens
+            self._set_stops(lead.stop)
+            seed = lead.seed
             if seed is None:
                 self._seed_counter += 1
                 seed = self._seed_counter
             pol.generator.manual_seed(int(seed))
-            samples = pol.generate(params.prompts)
+            prompts = [p for s in batch for p in s.params.prompts]
+            samples = iter(pol.generate(prompts))
+        except Exception as e:  # noqa: BLE001 - handed to every waiting request
+            for s in batch:
+                s.error, s.done = e, True
+            return
+        for s in batch:
             out = []
-            for prompt, s in zip(params.prompts, samples, strict=True):
-                cached = len(prompt) - int(s.prefill_tokens) if s.token_ids else 0
-                out.append(Completion(s, len(prompt), max(cached, 0), version))
+            for prompt in s.params.prompts:
+                smp = next(samples)
+                cached = len(prompt) - int(smp.prefill_tokens) if smp.token_ids else 0
+                out.append(Completion(smp, len(prompt), max(cached, 0), version))
+            s.result, s.done = out, True
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += sum(c.prompt_tokens for c in out)
             self.stats["cached_tokens"] += sum(c.cached_tokens for c in out)
             self.stats["generated_tokens"] += sum(len(c.sample.token_ids) for c in out)
-            return out
+        self.stats["batches"] += 1
 
     def _set_stops(self, stops: tuple[str, ...]) -> None:
         """Point the shared HFPolicy at this request's stop strings (their token masks are cached)."""
@@ -247,6 +307,11 @@ class PolicyEngine:
             self.policy.clear_cache()
             self.stats["reloads"] += 1
             return self.version
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's `/reset_prefix_cache`): benchmarks start each run cold."""
+        with self.lock:
+            self.policy.clear_cache()
 
     def health(self) -> dict[str, Any]:
         s = dict(self.stats)

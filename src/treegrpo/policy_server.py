@@ -14,6 +14,7 @@ against it, against `vllm serve` and against SGLang:
 - ``POST /reload_weights {path, version?}``: full weights from a checkpoint dir (vLLM:
   ``/collective_rpc`` with ``update_weights``-style RPCs, or a restart; SGLang: ``/update_weights_from_disk
   {model_path}``). See docs/scale-out.md.
+- ``POST /reset_prefix_cache`` (vLLM's name) empties the prefix cache.
 - ``GET /health``: version, adapters and the prefix-reuse counters.
 
 Bounded: body bytes, prompts per request, prompt tokens, `max_tokens`, and requests waiting for the engine
@@ -285,6 +286,10 @@ def build_app(engine: PolicyEngine, limits: ServerLimits | None = None) -> Starl
         new = await run_in_threadpool(engine.reload_weights, path, version)
         return JSONResponse({"status": "ok", "version": new})
 
+    async def reset_prefix_cache(request: Request) -> JSONResponse:
+        await run_in_threadpool(engine.reset_prefix_cache)
+        return JSONResponse({"status": "ok"})
+
     async def health(request: Request) -> JSONResponse:
         return JSONResponse(engine.health())
 
@@ -301,6 +306,7 @@ def build_app(engine: PolicyEngine, limits: ServerLimits | None = None) -> Starl
             route("/v1/load_lora_adapter", load_lora, "POST"),
             route("/v1/unload_lora_adapter", unload_lora, "POST"),
             route("/reload_weights", reload_weights, "POST"),
+            route("/reset_prefix_cache", reset_prefix_cache, "POST"),
             route("/health", health, "GET"),
         ]
     )

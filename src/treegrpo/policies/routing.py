@@ -8,8 +8,9 @@ tree starts with them. A context's key is the hash of the registered prompt it e
 not seen a prompt for fall back to the hash of their first tokens). Trees of one forest share a prompt, so
 a whole forest goes to one server.
 
-Keys pick servers by rendezvous hashing (adding a server moves only its share of keys), requests carry the
-key as an `X-Session-ID` header (what session-affinity routers such as vllm-router / sglang-router hash on),
+A key keeps the server it was first sent to; a new key goes to the least-loaded server of its call
+(ties broken by rendezvous hashing), so even a few trees spread over the servers. Requests carry the key
+as an `X-Session-ID` header (what session-affinity routers such as vllm-router / sglang-router hash on),
 and each server's requests are sent ordered by key so siblings go out together. `routing: round_robin`
 spreads contexts evenly instead: the baseline that the benchmark compares against.
 
@@ -114,6 +115,8 @@ class RoutedPolicy:
         self.version = int(version)
         self._sampled_versions: list[int] = []
         self._rr = 0
+        self._homes: OrderedDict[int, int] = OrderedDict()  # sticky key -> server
+        self.max_homes = 65536
         n = len(self.clients)
         self.server_stats = [{"requests": 0, "prompt_tokens": 0, "prefill_tokens": 0} for _ in range(n)]
         self.stats = {
@@ -196,10 +199,28 @@ class RoutedPolicy:
         n = len(self.clients)
         if n == 1:
             return [0] * len(keys)
-        if self.routing == "sticky":
-            return [rendezvous(k, n) for k in keys]
-        start, self._rr = self._rr, (self._rr + len(keys)) % n
-        return [(start + j) % n for j in range(len(keys))]
+        if self.routing == "round_robin":
+            start, self._rr = self._rr, (self._rr + len(keys)) % n
+            return [(start + j) % n for j in range(len(keys))]
+        # Sticky: a key keeps the server it was first sent to. A new key goes to the server with the least
+        # work in this call (ties: its rendezvous choice), so a small batch of new trees still spreads out.
+        counts: dict[int, int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        load = [0] * n
+        for k, c in counts.items():
+            if k in self._homes:
+                self._homes.move_to_end(k)
+                load[self._homes[k]] += c
+        for k, c in counts.items():
+            if k not in self._homes:
+                pref = rendezvous(k, n)
+                s = min(range(n), key=lambda i: (load[i], i != pref, i))
+                self._homes[k] = s
+                load[s] += c
+        while len(self._homes) > self.max_homes:
+            self._homes.popitem(last=False)
+        return [self._homes[k] for k in keys]
 
     # -- weight versions ----------------------------------------------------------------------------
     def use_version(self, version: int, model_name: str | None = None) -> None:
