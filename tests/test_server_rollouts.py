@@ -271,3 +271,35 @@ def test_full_weight_sync_reloads_servers(model, tok, tmp_path):
         assert pol.model_name == "tiny"  # full weights keep the served name
         with pytest.raises(Exception, match="lora needs a LoRA"):
             make_weight_sync("lora", trainer, tmp_path / "x", servers[0].url, pol).sync(trainer, 2)
+
+
+def test_policy_for_config_reads_policy_section(model, tok):
+    from treegrpo.config import ConfigError, load_config
+    from treegrpo.errors import UserError
+    from treegrpo.policies.routing import policy_for_config
+
+    with serve_models([model, model], tok) as servers:
+        urls = f"{servers[0].url}, {servers[1].url}/v1"
+        cfg = load_config(
+            None,
+            [
+                "policy.backend=openai",
+                f"policy.base_url={urls}",
+                "policy.routing=round_robin",
+                "policy.max_new_tokens=7",
+            ],
+        )
+        pol = policy_for_config(cfg, tok, 2048, greedy=True, seed=3)
+        assert pol.routing == "round_robin" and len(pol.clients) == 2 and pol.model_name == "tiny"
+        assert pol.base_url == f"{servers[0].url}/v1,{servers[1].url}/v1"
+        assert all(c.max_new_tokens == 7 and c.greedy for c in pol.clients)
+        out = pol.generate([ids(tok, "the fox")] * 2)
+        assert out[0].token_ids == out[1].token_ids and [s for _, s in pol.last_routes] == [0, 1]
+    with pytest.raises(UserError, match="policy.base_url: required"):
+        policy_for_config(load_config(None, ["policy.backend=openai"]), tok, 2048, greedy=True, seed=0)
+    with pytest.raises(UserError, match="policy.base_url"):
+        policy_for_config(load_config(None, ["policy.base_url=localhost:1"]), tok, 2048, greedy=True, seed=0)
+    with pytest.raises(ConfigError, match="policy.routing"):
+        load_config(None, ["policy.routing=random"])
+    with pytest.raises(ConfigError, match="trainer.max_staleness"):
+        load_config(None, ["trainer.max_staleness=-1"])

@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from treegrpo.errors import UserError
 from treegrpo.policies.openai import api_base
 from treegrpo.policies.routing import RoutedPolicy, parse_base_urls
@@ -200,12 +202,17 @@ def check_staleness(trainer_version: int, sampled_versions: Sequence[int], max_s
     return lag
 
 
-def logprob_mismatch(sampled: Sequence[float], recomputed: Sequence[float]) -> float:
-    """Mean |sampler − trainer| log-prob over the same tokens (`train/logprob_mismatch`)."""
-    if len(sampled) != len(recomputed):
-        raise ValueError(f"{len(sampled)} sampled log-probs but {len(recomputed)} recomputed")
-    if not sampled:
-        return 0.0
-    return float(
-        sum(abs(float(a) - float(b)) for a, b in zip(sampled, recomputed, strict=True)) / len(sampled)
-    )
+def logprob_mismatch(sampled: Any, recomputed: Any, mask: Any = None) -> float:
+    """Mean |sampler − trainer| log-prob over the masked tokens (`train/logprob_mismatch`).
+
+    Takes lists, arrays or CPU tensors of one shape, e.g. a packed batch's sampling-time `old_logprobs`,
+    the trainer's recomputed ones and its `loss_mask`.
+    """
+    a = np.asarray(sampled, dtype=np.float64)
+    b = np.asarray(recomputed, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"sampled log-probs have shape {a.shape} but recomputed ones {b.shape}")
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        a, b = a[m], b[m]
+    return float(np.abs(a - b).mean()) if a.size else 0.0

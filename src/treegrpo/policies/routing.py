@@ -256,4 +256,39 @@ def served_policy(
     return RoutedPolicy(clients, routing=routing, seed=seed)
 
 
-__all__ = ["RoutedPolicy", "StickyKeys", "ids_hash", "parse_base_urls", "rendezvous", "served_policy"]
+def policy_for_config(
+    cfg: Any, tokenizer: Any, max_context: int | None, *, greedy: bool, seed: int, **client_kwargs: Any
+) -> RoutedPolicy:
+    """`policy.backend: openai` from a run config (what `make_policy` builds, for eval, rollout and train)."""
+    from treegrpo.errors import UserError
+
+    pc = cfg.policy
+    if not pc.base_url:
+        raise UserError("policy.base_url: required when policy.backend is 'openai' (--base-url)")
+    kw = dict(
+        model=pc.api_model,
+        temperature=pc.temperature,
+        top_p=pc.top_p,
+        max_new_tokens=pc.max_new_tokens,
+        greedy=greedy or pc.temperature == 0,
+        max_context=max_context,
+        timeout=pc.request_timeout if pc.request_timeout > 0 else 120.0,
+        max_retries=pc.max_retries,
+        entropy_topk=pc.entropy_topk,
+    )
+    kw.update(client_kwargs)
+    try:
+        return served_policy(pc.base_url, tokenizer, routing=pc.routing, seed=seed, client_kwargs=kw)
+    except ValueError as e:
+        raise UserError(f"policy.base_url: {e}") from None
+
+
+__all__ = [
+    "RoutedPolicy",
+    "StickyKeys",
+    "ids_hash",
+    "parse_base_urls",
+    "policy_for_config",
+    "rendezvous",
+    "served_policy",
+]
