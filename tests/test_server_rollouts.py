@@ -6,6 +6,7 @@ import copy
 import json
 import urllib.request
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +304,39 @@ def test_policy_for_config_reads_policy_section(model, tok):
         load_config(None, ["policy.routing=random"])
     with pytest.raises(ConfigError, match="trainer.max_staleness"):
         load_config(None, ["trainer.max_staleness=-1"])
+
+
+def test_full_sync_sglang_api_posts_update_weights_from_disk(model, tmp_path):
+    """The SGLang mapping of the hook: POST /update_weights_from_disk {model_path} with a complete HF dir."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, dict]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802 - stdlib name
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            raw = b'{"success": true, "message": "ok"}'
+            code = 200 if self.path == "/update_weights_from_disk" else 404
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        sync = FullWeightSync(tmp_path / "w", url, None, api="sglang")
+        assert sync.sync(model, 4) == 4
+        path, body = seen[-1]
+        assert path == "/update_weights_from_disk" and Path(body["model_path"]).name == "step-000004"
+        assert (Path(body["model_path"]) / "config.json").is_file()
+        with pytest.raises(Exception, match="HTTP 404"):
+            FullWeightSync(tmp_path / "v", url, None).sync(model, 1)  # no /reload_weights there
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -141,13 +141,27 @@ class LoraSync(_ServerSync):
 
 
 class FullWeightSync(_ServerSync):
-    """Save the full weights per step and have every server reload them (`POST /reload_weights`)."""
+    """Save the full weights per step and have every server reload them.
+
+    `api="treegrpo"`: `POST /reload_weights {path, version}` (serve-policy). `api="sglang"`: `POST
+    /update_weights_from_disk {model_path}` (SGLang's reload-from-disk; the directory then also needs the
+    tokenizer and config, which `save_pretrained` of a full model writes; not tested here: no GPU).
+    """
+
+    def __init__(self, *args: Any, api: str = "treegrpo", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if api not in ("treegrpo", "sglang"):
+            raise ValueError(f"api must be 'treegrpo' or 'sglang', got {api!r}")
+        self.api = api
 
     def sync(self, model: Any, step: int) -> int:
         if self.version == step:
             return step
         path = save_atomically(model, self.root, step).resolve()
         for s in self.servers:
+            if self.api == "sglang":
+                post_json(f"{s}/update_weights_from_disk", {"model_path": str(path)}, self.timeout)
+                continue
             reply = post_json(f"{s}/reload_weights", {"path": str(path), "version": step}, self.timeout)
             got = reply.get("version")
             if got is not None and got != step:
