@@ -308,3 +308,33 @@ def test_concurrent_requests_are_batched_and_equal_alone(model, tok):
         assert got[i]["token_ids"] == w.token_ids
         assert got[i]["logprobs"]["token_logprobs"] == pytest.approx(w.logprobs, abs=1e-5)
     assert engine.stats["requests"] == len(prompts) and engine.stats["batches"] == 1
+
+
+def test_engine_failure_is_a_json_500_and_the_server_stays_up(server, tok):
+    real = server.engine.policy.generate
+    calls = {"n": 0}
+
+    def flaky(contexts):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(contexts)
+
+    server.engine.policy.generate = flaky
+    body = {"prompt": ids(tok, "the fox"), "max_tokens": 3, "temperature": 0}
+    code, reply = post(server.url + "/v1/completions", body)
+    assert code == 500 and "RuntimeError: CUDA out of memory" in reply["error"]["message"]
+    code, reply = post(server.url + "/v1/completions", body)
+    assert code == 200 and len(reply["choices"][0]["token_ids"]) == 3
+
+
+def test_port_in_use_is_a_user_error():
+    from treegrpo.errors import UserError
+    from treegrpo.policy_server import bind
+
+    held = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(UserError, match=r"--port: cannot listen on 127\.0\.0\.1:\d+"):
+            bind("127.0.0.1", held.getsockname()[1])
+    finally:
+        held.close()

@@ -25,6 +25,7 @@ Binds 127.0.0.1 by default: there is no authentication.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -39,6 +40,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from treegrpo.policy_engine import Completion, EngineError, PolicyEngine, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,12 @@ class BadRequest(Exception):
 
 
 def _error(message: str, status: int) -> JSONResponse:
-    kind = {404: "NotFoundError", 413: "RequestTooLarge", 503: "ServiceUnavailable"}.get(
-        status, "BadRequestError"
-    )
+    kind = {
+        404: "NotFoundError",
+        413: "RequestTooLarge",
+        500: "InternalServerError",
+        503: "ServiceUnavailable",
+    }.get(status, "BadRequestError")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
@@ -241,6 +247,10 @@ def build_app(engine: PolicyEngine, limits: ServerLimits | None = None) -> Starl
             return _error(str(e), e.status)
         except EngineError as e:
             return _error(str(e), e.status)
+        except Exception as e:  # noqa: BLE001 - the server stays up; the client gets a JSON 500
+            log.exception("request to %s failed", request.url.path)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return _error(f"internal error: {type(e).__name__}: {first}", 500)
 
     async def completions(request: Request) -> JSONResponse:
         body = await _json_body(request, lim.max_body_bytes)
