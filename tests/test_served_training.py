@@ -153,3 +153,29 @@ def test_one_step_off_with_servers_has_staleness_one(model, tok, tmp_path):
         finally:
             ahead.close()
         assert lags[0] == 0.0 and lags[1:] == [1.0, 1.0]
+
+
+def test_non_main_process_follows_the_main_ones_lora_sync(model, tok, tmp_path):
+    """Two trainer processes, one server: only the main one saves/posts; the other switches its requests."""
+    from peft import LoraConfig, get_peft_model
+
+    from treegrpo.weight_sync import LoraSync
+
+    torch.manual_seed(0)
+    trainer = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False),
+    )
+    with serve_models([model], tok) as servers:
+        url = servers[0].url
+        kw = {"max_new_tokens": 4, "max_context": 2048, "greedy": True, "stop_strings": ()}
+        main_pol, other_pol = (served_policy(url, tok, client_kwargs=kw) for _ in range(2))
+        main = ServedTraining(main_pol, LoraSync(tmp_path / "sync", url, main_pol))
+        other = ServedTraining(other_pol, LoraSync(tmp_path / "sync", url, other_pol))
+        assert main.begin(trainer, 0) == 0 and other.begin(trainer, 0, is_main=False) == 0
+        assert main.after_update(trainer, 1) == 1 and other.after_update(trainer, 1, is_main=False) == 1
+        assert other_pol.model_name == main_pol.model_name == "step-1" and other_pol.version == 1
+        ctx = tok.encode("the fox", add_special_tokens=False)
+        assert other_pol.generate([ctx])[0].token_ids == main_pol.generate([ctx])[0].token_ids
+        assert servers[0].engine.stats["adapter_loads"] == 2  # step-0 and step-1, loaded once each
+        assert other.rollout_metrics(trainer_version=1)["train/staleness"] == 0.0

@@ -118,10 +118,8 @@ class PolicyEngine:
         self._active: str | None = None  # adapter the weights currently compute with (None = base)
         self._seed_counter = 0
         self.lock = threading.Lock()
-        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
-        self.stats["reloads"] = 0
-        self.stats["adapter_loads"] = 0
-        self.stats["batches"] = 0
+        counters = ("requests", "batches", "prompt_tokens", "cached_tokens", "generated_tokens", "reloads")
+        self.stats = dict.fromkeys((*counters, "adapter_loads"), 0)
         self._stop_masks: dict[tuple[str, ...], Any] = {}
         self.policy = self._new_policy()
         self.max_context = max_context or self.policy.max_context

@@ -48,13 +48,18 @@ class ServedTraining:
         )
         return cls(policy, sync, cfg.trainer.max_staleness)
 
-    def begin(self, model: Any, step: int) -> int:
+    def begin(self, model: Any, step: int, is_main: bool = True) -> int:
         """Before the first rollout (also after a resume): the servers serve the trainer's weights."""
-        return self.sync.sync(model, step)
+        return self.after_update(model, step, is_main)
 
-    def after_update(self, model: Any, step: int) -> int:
-        """After the optimizer update that produced weights `step`: push them to the servers."""
-        return self.sync.sync(model, step)
+    def after_update(self, model: Any, step: int, is_main: bool = True) -> int:
+        """After the optimizer update that produced weights `step`: push them to the servers.
+
+        With several trainer processes only the main one saves and posts (`is_main`); the others call this
+        with `is_main=False` after a barrier that follows the main one's call, and only switch their own
+        policy to the new version (and, for LoRA, the adapter name).
+        """
+        return self.sync.sync(model, step) if is_main else self.sync.follow(step)
 
     def rollout_metrics(self, trainer_version: int) -> dict[str, float]:
         """Staleness of the rollout just sampled (raises StaleRolloutError beyond the bound) and prefix hits."""

@@ -47,6 +47,10 @@ class WeightSync(Protocol):
         """Make every server serve `model` as version `step`; return that version."""
         ...
 
+    def follow(self, step: int) -> int:
+        """On a process that did not sync (not the main one): point this process's policy at `step`."""
+        ...
+
 
 def post_json(url: str, body: Mapping[str, Any], timeout: float = 300.0) -> dict[str, Any]:
     """POST a JSON body; the decoded reply, or WeightSyncError with the server's own message."""
@@ -139,6 +143,12 @@ class LoraSync(_ServerSync):
         self.version = step
         return step
 
+    def follow(self, step: int) -> int:
+        if self.policy is not None:
+            self.policy.use_version(step, model_name=f"step-{step}")
+        self.version = step
+        return step
+
 
 class FullWeightSync(_ServerSync):
     """Save the full weights per step and have every server reload them.
@@ -173,6 +183,12 @@ class FullWeightSync(_ServerSync):
         self.version = step
         return step
 
+    def follow(self, step: int) -> int:
+        if self.policy is not None:
+            self.policy.use_version(step)
+        self.version = step
+        return step
+
 
 class NoSync:
     """Servers keep their starting weights (`policy.weight_sync: off`): versions stay where they were."""
@@ -181,6 +197,9 @@ class NoSync:
         self.version = version
 
     def sync(self, model: Any, step: int) -> int:
+        return self.version
+
+    def follow(self, step: int) -> int:
         return self.version
 
 
