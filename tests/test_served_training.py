@@ -179,3 +179,31 @@ def test_non_main_process_follows_the_main_ones_lora_sync(model, tok, tmp_path):
         assert other_pol.generate([ctx])[0].token_ids == main_pol.generate([ctx])[0].token_ids
         assert servers[0].engine.stats["adapter_loads"] == 2  # step-0 and step-1, loaded once each
         assert other.rollout_metrics(trainer_version=1)["train/staleness"] == 0.0
+
+
+def test_served_run_model_serves_exactly_the_trainers_model(tiny_config):
+    """The helper for the training-through-serve-policy test: servers hold the model `train` builds."""
+    from policy_servers import served_run_model
+    from treegrpo.build import build_run
+    from treegrpo.config import load_config
+    from treegrpo.policies import HFPolicy
+    from treegrpo.policies.routing import policy_for_config
+
+    cfg = load_config(str(tiny_config))
+    with served_run_model(cfg, n=2) as urls:
+        served_cfg = load_config(
+            str(tiny_config), ["policy.backend=openai", f"policy.base_url={','.join(urls)}"]
+        )
+        parts = build_run(served_cfg, log=lambda s: None)
+        pol = policy_for_config(served_cfg, parts.tokenizer, 2048, greedy=True, seed=0)
+        local = HFPolicy(parts.model, parts.tokenizer, greedy=True, max_new_tokens=cfg.policy.max_new_tokens)
+        rows = parts.train_rows[:2]
+        ctxs = [pol.encode_prompt(parts.env.start(r)[1]) for r in rows]
+        got, want = pol.generate(ctxs), local.generate(ctxs)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert (
+            logprob_mismatch([x for g in got for x in g.logprobs], [x for w in want for x in w.logprobs])
+            < 1e-5
+        )
+        res = sample_forests(rows, ["a", "b"], pol, parts.env, served_cfg.rollout, np.random.default_rng(0))
+        assert res.budget["trajectories"] == 2 * served_cfg.rollout.group_size
