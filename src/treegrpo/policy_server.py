@@ -8,7 +8,8 @@ against it, against `vllm serve` and against SGLang:
   `n`, `logprobs`. Each choice carries `token_ids` and `logprobs.tokens` as ``"token_id:N"`` (with
   `return_tokens_as_token_ids`) plus `token_logprobs` (log-probs of softmax(logits / temperature), as
   `HFPolicy` reports them). `usage.prompt_tokens_details.cached_tokens` counts prompt tokens served from
-  the prefix cache; `treegrpo_version` is the weight/adapter version that sampled.
+  the prefix cache; `treegrpo_version` is the weight/adapter version that sampled. `top_logprobs` holds
+  only the sampled token (whatever `logprobs` asks for), so `policy.entropy_topk` sees a top-1 bound.
 - ``GET /v1/models``; ``POST /v1/load_lora_adapter {lora_name, lora_path}`` and
   ``POST /v1/unload_lora_adapter {lora_name}`` (vLLM's names; requests then use ``model: lora_name``).
 - ``POST /reload_weights {path, version?}``: full weights from a checkpoint dir (vLLM:
