@@ -1,4 +1,4 @@
-"""Tree rollouts on local `treegrpo serve-policy` servers: 1 vs 2 servers, sticky vs round-robin routing.
+"""Tree rollouts on local `treegrpo serve-policy` servers: 1 vs 2 servers, sticky vs round-robin vs random routing.
 
 Starts `treegrpo serve-policy --port 0` subprocesses serving the quickstart model (the same config
 resolution as `train`), then samples Tree-GRPO rollouts of the quickstart task through `policy.backend:
@@ -131,6 +131,7 @@ def run(quick: bool, prompts: int, steps: int) -> dict[str, Any]:
         out["1 server"] = measure(cfg, parts, urls[:1], "sticky", prompts, steps)
         out["2 servers sticky"] = measure(cfg, parts, urls, "sticky", prompts, steps)
         out["2 servers round_robin"] = measure(cfg, parts, urls, "round_robin", prompts, steps)
+        out["2 servers random"] = measure(cfg, parts, urls, "random", prompts, steps)
     r = cfg.rollout
     return {
         "setup": {

@@ -16,6 +16,7 @@ from policy_servers import serve_models
 from treegrpo.models import tiny_causal_lm
 from treegrpo.policies import HFPolicy
 from treegrpo.policies.routing import (
+    RoutedPolicy,
     StickyKeys,
     ids_hash,
     parse_base_urls,
@@ -301,7 +302,7 @@ def test_policy_for_config_reads_policy_section(model, tok):
     with pytest.raises(UserError, match="policy.base_url"):
         policy_for_config(load_config(None, ["policy.base_url=localhost:1"]), tok, 2048, greedy=True, seed=0)
     with pytest.raises(ConfigError, match="policy.routing"):
-        load_config(None, ["policy.routing=random"])
+        load_config(None, ["policy.routing=hash"])
     with pytest.raises(ConfigError, match="trainer.max_staleness"):
         load_config(None, ["trainer.max_staleness=-1"])
 
@@ -340,3 +341,20 @@ def test_full_sync_sglang_api_posts_update_weights_from_disk(model, tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_assignment_rules_without_servers():
+    from types import SimpleNamespace
+
+    fake = [SimpleNamespace(tokenizer=None, max_context=100, vocab_size=10, concurrency=4) for _ in range(3)]
+    sticky = RoutedPolicy(fake, routing="sticky")
+    first = sticky._assign([11, 22, 33, 11])
+    assert first[0] == first[3] and sorted(set(first)) == [0, 1, 2]  # new keys spread, a key stays put
+    assert sticky._assign([33, 44, 22]) == [first[2], sticky._homes[44], first[1]]
+    rr = RoutedPolicy(fake, routing="round_robin")
+    assert rr._assign([1, 1, 1, 1]) == [0, 1, 2, 0] and rr._assign([1, 1]) == [1, 2]
+    rnd = [RoutedPolicy(fake, routing="random", seed=5) for _ in range(2)]
+    picks = [r._assign(list(range(60))) for r in rnd]
+    assert picks[0] == picks[1] and set(picks[0]) == {0, 1, 2}  # seeded, uses every server
+    with pytest.raises(ValueError, match="routing must be"):
+        RoutedPolicy(fake, routing="hash")

@@ -59,8 +59,9 @@ class PolicyConfig:
     base_url: str = (
         ""  # openai: http://host:port (or …/v1) of the vLLM / SGLang server; comma-separate several
     )
-    # openai with several servers: sticky = every node of a tree on one server (prefix-cache hits); round_robin
-    routing: Literal["sticky", "round_robin"] = "sticky"
+    # openai with several servers: sticky = every node of a tree on one server (prefix-cache hits);
+    # round_robin / random: no affinity (baselines)
+    routing: Literal["sticky", "round_robin", "random"] = "sticky"
     # openai training: how the servers get fresh weights after each update (auto = lora for LoRA models, else full)
     weight_sync: Literal["auto", "lora", "full", "off"] = "auto"
     api_model: str = ""  # openai: served model name; empty = the first one the server lists

@@ -12,7 +12,9 @@ A key keeps the server it was first sent to; a new key goes to the least-loaded 
 (ties broken by rendezvous hashing), so even a few trees spread over the servers. Requests carry the key
 as an `X-Session-ID` header (what session-affinity routers such as vllm-router / sglang-router hash on),
 and each server's requests are sent ordered by key so siblings go out together. `routing: round_robin`
-spreads contexts evenly instead: the baseline that the benchmark compares against.
+spreads each call's contexts evenly and `random` picks a server per request: the baselines the benchmark
+compares against (round-robin keeps some accidental affinity: a branch at the same position of the next
+call lands on the same server).
 
 Weight versions: `use_version(v, model_name)` is called by the weight sync after the servers hold version
 v (for LoRA the requests then name the adapter `step-v`); each sampled step records the version it was sent
@@ -32,7 +34,7 @@ import numpy as np
 from treegrpo.policies.openai import OpenAIPolicy, SeedBox
 from treegrpo.protocols import Prompt, StepSample, triage_contexts
 
-Routing = Literal["sticky", "round_robin"]
+Routing = Literal["sticky", "round_robin", "random"]
 SESSION_HEADER = "X-Session-ID"
 
 
@@ -102,8 +104,8 @@ class RoutedPolicy:
     ) -> None:
         if not clients:
             raise ValueError("at least one server client is required")
-        if routing not in ("sticky", "round_robin"):
-            raise ValueError(f"routing must be 'sticky' or 'round_robin', got {routing!r}")
+        if routing not in ("sticky", "round_robin", "random"):
+            raise ValueError(f"routing must be 'sticky', 'round_robin' or 'random', got {routing!r}")
         self.clients = list(clients)
         self.routing = routing
         self.session_header = session_header
@@ -202,6 +204,9 @@ class RoutedPolicy:
         if self.routing == "round_robin":
             start, self._rr = self._rr, (self._rr + len(keys)) % n
             return [(start + j) % n for j in range(len(keys))]
+        if self.routing == "random":  # no affinity at all (seeded: the same run routes the same way)
+            rng = np.random.default_rng([self.generator.seed, self.stats["calls"], 7])
+            return [int(x) for x in rng.integers(0, n, size=len(keys))]
         # Sticky: a key keeps the server it was first sent to. A new key goes to the server with the least
         # work in this call (ties: its rendezvous choice), so a small batch of new trees still spreads out.
         counts: dict[int, int] = {}
