@@ -169,12 +169,13 @@ def test_non_main_process_follows_the_main_ones_lora_sync(model, tok, tmp_path):
     with serve_models([model], tok) as servers:
         url = servers[0].url
         kw = {"max_new_tokens": 4, "max_context": 2048, "greedy": True, "stop_strings": ()}
-        main_pol, other_pol = (served_policy(url, tok, client_kwargs=kw) for _ in range(2))
-        main = ServedTraining(main_pol, LoraSync(tmp_path / "sync", url, main_pol))
+        main_pol, other_pol, greedy_pol = (served_policy(url, tok, client_kwargs=kw) for _ in range(3))
+        main = ServedTraining(main_pol, LoraSync(tmp_path / "sync", url, main_pol), followers=[greedy_pol])
         other = ServedTraining(other_pol, LoraSync(tmp_path / "sync", url, other_pol))
         assert main.begin(trainer, 0) == 0 and other.begin(trainer, 0, is_main=False) == 0
         assert main.after_update(trainer, 1) == 1 and other.after_update(trainer, 1, is_main=False) == 1
-        assert other_pol.model_name == main_pol.model_name == "step-1" and other_pol.version == 1
+        assert other_pol.model_name == main_pol.model_name == greedy_pol.model_name == "step-1"
+        assert other_pol.version == greedy_pol.version == 1
         ctx = tok.encode("the fox", add_special_tokens=False)
         assert other_pol.generate([ctx])[0].token_ids == main_pol.generate([ctx])[0].token_ids
         assert servers[0].engine.stats["adapter_loads"] == 2  # step-0 and step-1, loaded once each

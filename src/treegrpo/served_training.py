@@ -16,7 +16,7 @@ t trains (`trainer.async_rollouts: 1`): staleness is then at most 1.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -30,23 +30,33 @@ R = TypeVar("R")
 class ServedTraining:
     """Weight sync, staleness guard and server metrics for training on a `RoutedPolicy`."""
 
-    def __init__(self, policy: RoutedPolicy, sync: WeightSync, max_staleness: int = 1) -> None:
+    def __init__(
+        self,
+        policy: RoutedPolicy,
+        sync: WeightSync,
+        max_staleness: int = 1,
+        followers: Sequence[Any] = (),
+    ) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.policy = policy
+        # Other served policies of this process (the greedy evaluation one): they follow every version.
+        self.followers = [p for p in followers if isinstance(p, RoutedPolicy) and p is not policy]
         self.sync = sync
         self.max_staleness = max_staleness
         self._seen = (0, 0)  # (prompt tokens, prefill tokens) of the policy at the last metrics call
 
     @classmethod
-    def from_config(cls, cfg: Any, model: Any, policy: Any, run_dir: str | Path) -> ServedTraining | None:
+    def from_config(
+        cls, cfg: Any, model: Any, policy: Any, run_dir: str | Path, followers: Sequence[Any] = ()
+    ) -> ServedTraining | None:
         """The hooks for `cfg` (None unless `policy` is a served `RoutedPolicy`)."""
         if not isinstance(policy, RoutedPolicy):
             return None
         sync = make_weight_sync(
             cfg.policy.weight_sync, model, Path(run_dir) / "weight-sync", cfg.policy.base_url, policy
         )
-        return cls(policy, sync, cfg.trainer.max_staleness)
+        return cls(policy, sync, cfg.trainer.max_staleness, followers)
 
     def begin(self, model: Any, step: int, is_main: bool = True) -> int:
         """Before the first rollout (also after a resume): the servers serve the trainer's weights."""
@@ -59,7 +69,10 @@ class ServedTraining:
         with `is_main=False` after a barrier that follows the main one's call, and only switch their own
         policy to the new version (and, for LoRA, the adapter name).
         """
-        return self.sync.sync(model, step) if is_main else self.sync.follow(step)
+        version = self.sync.sync(model, step) if is_main else self.sync.follow(step)
+        for p in self.followers:
+            p.use_version(self.policy.version, model_name=self.policy.model_name)
+        return version
 
     def rollout_metrics(self, trainer_version: int) -> dict[str, float]:
         """Staleness of the rollout just sampled (raises StaleRolloutError beyond the bound) and prefix hits."""
