@@ -63,7 +63,7 @@ class PolicyConfig:
     # round_robin / random: no affinity (baselines)
     routing: Literal["sticky", "round_robin", "random"] = "sticky"
     # openai training: how the servers get fresh weights after each update (auto = lora for LoRA models, else full)
-    weight_sync: Literal["auto", "lora", "full", "off"] = "auto"
+    weight_sync: Literal["auto", "lora", "full", "none"] = "auto"
     api_model: str = ""  # openai: served model name; empty = the first one the server lists
     request_timeout: float = field(default=120.0, metadata={"min": 0.0})  # openai: seconds per request
     max_retries: int = field(default=2, metadata={"min": 0})  # openai: retries per request

@@ -191,7 +191,7 @@ class FullWeightSync(_ServerSync):
 
 
 class NoSync:
-    """Servers keep their starting weights (`policy.weight_sync: off`): versions stay where they were."""
+    """Servers keep their starting weights (`policy.weight_sync: none`): versions stay where they were."""
 
     def __init__(self, version: int = 0) -> None:
         self.version = version
@@ -213,9 +213,9 @@ def make_weight_sync(
         return LoraSync(root, base_urls, policy)
     if mode == "full":
         return FullWeightSync(root, base_urls, policy)
-    if mode == "off":
+    if mode == "none":
         return NoSync(policy.version if policy is not None else 0)
-    raise UserError(f"policy.weight_sync: must be auto, lora, full or off; got {mode!r}")
+    raise UserError(f"policy.weight_sync: must be auto, lora, full or none; got {mode!r}")
 
 
 def staleness(trainer_version: int, sampled_versions: Sequence[int]) -> int:
