@@ -22,7 +22,7 @@ def _env() -> dict[str, str]:
     }
 
 
-def test_serve_policy_subprocess_serves_the_run_model(tiny_config: Path):
+def test_serve_policy_subprocess_serves_the_run_model(tiny_config: Path, capsys):
     cmd = [sys.executable, "-m", "treegrpo", "serve-policy", "--config", str(tiny_config), "--port", "0"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT
@@ -43,6 +43,20 @@ def test_serve_policy_subprocess_serves_the_run_model(tiny_config: Path):
         with urllib.request.urlopen(req, timeout=60) as r:
             choice = json.loads(r.read())["choices"][0]
         assert 1 <= len(choice["token_ids"]) == len(choice["logprobs"]["token_logprobs"]) <= 4
+        # `treegrpo eval` through the server scores exactly what the in-process eval scores
+        from treegrpo.cli import main
+
+        capsys.readouterr()
+        assert main(["eval", "--config", str(tiny_config), "--backend", "openai", "--base-url", url]) == 0
+        served = capsys.readouterr().out
+        assert main(["eval", "--config", str(tiny_config)]) == 0
+        local = capsys.readouterr().out
+        assert f"served at {url}/v1" in served
+
+        def scores(out: str) -> list[str]:
+            return [ln for ln in out.splitlines() if ln.startswith("eval/")]
+
+        assert scores(served) == scores(local) and scores(served)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
