@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args(argv)
-    prompts = args.prompts or (4 if args.quick else 16)
-    steps = args.steps or (1 if args.quick else 3)
+    prompts = args.prompts if args.prompts is not None else (4 if args.quick else 16)
+    steps = args.steps if args.steps is not None else (1 if args.quick else 3)
     if prompts < 1 or steps < 1:
         print("error: --prompts and --steps must be >= 1", file=sys.stderr)
         return 2
