@@ -56,9 +56,8 @@ class PolicyConfig:
     temperature: float = field(default=1.0, metadata={"min": 0.0})
     top_p: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
     max_new_tokens: int = field(default=48, metadata={"min": 1})
-    base_url: str = (
-        ""  # openai: http://host:port (or …/v1) of the vLLM / SGLang server; comma-separate several
-    )
+    # openai: http://host:port (or …/v1) of the vLLM / SGLang / serve-policy server; comma-separate several
+    base_url: str = ""
     # openai with several servers: sticky = every node of a tree on one server (prefix-cache hits);
     # round_robin / random: no affinity (baselines)
     routing: Literal["sticky", "round_robin", "random"] = "sticky"
