@@ -358,3 +358,19 @@ def test_assignment_rules_without_servers():
     assert picks[0] == picks[1] and set(picks[0]) == {0, 1, 2}  # seeded, uses every server
     with pytest.raises(ValueError, match="routing must be"):
         RoutedPolicy(fake, routing="hash")
+
+
+def test_environment_stop_strings_pass_through_the_router(model, tok):
+    """`generate(contexts, stop=...)` (an environment's stop strings) reaches the server for that call."""
+    ctx = ids(tok, "the lazy dog")
+    free = HFPolicy(model, tok, greedy=True, max_new_tokens=20, stop_strings=()).generate([ctx])[0]
+    stop = free.text.split()[2]
+    want = HFPolicy(model, tok, greedy=True, max_new_tokens=20, stop_strings=(stop,)).generate([ctx])[0]
+    with serve_models([model], tok) as servers:
+        kw = {"max_new_tokens": 20, "max_context": 2048, "greedy": True, "stop_strings": ()}
+        pol = served_policy(servers[0].url, tok, client_kwargs=kw)
+        assert pol.generate([ctx])[0].token_ids == free.token_ids  # the clients' own (no) stop strings
+        got = pol.generate([ctx], stop=[stop])[0]
+        assert got.token_ids == want.token_ids and len(got.token_ids) < len(free.token_ids)
+        assert got.text.rstrip().endswith(stop)
+        assert pol.clients[0].stop_strings == ()  # the call's stops did not stick

@@ -12,6 +12,7 @@ adapter). `reload_weights` replaces the full weights from a checkpoint directory
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import threading
@@ -122,6 +123,8 @@ class PolicyEngine:
         self.stats = dict.fromkeys((*counters, "adapter_loads"), 0)
         self._stop_masks: dict[tuple[str, ...], Any] = {}
         self.policy = self._new_policy()
+        # HFPolicy.generate(contexts, stop=...) where available: no need to reconfigure the policy per request
+        self._per_call_stop = "stop" in inspect.signature(HFPolicy.generate).parameters
         self.max_context = max_context or self.policy.max_context
         self.vocab_size = self.policy._vocab_size()
 
@@ -184,14 +187,18 @@ class PolicyEngine:
             pol.temperature = 1.0 if pol.greedy else lead.temperature
             pol.top_p = lead.top_p
             pol.max_new_tokens = lead.max_tokens
-            self._set_stops(lead.stop)
+            kw: dict[str, Any] = {}
+            if self._per_call_stop:
+                kw["stop"] = lead.stop
+            else:
+                self._set_stops(lead.stop)
             seed = lead.seed
             if seed is None:
                 self._seed_counter += 1
                 seed = self._seed_counter
             pol.generator.manual_seed(int(seed))
             prompts = [p for s in batch for p in s.params.prompts]
-            samples = iter(pol.generate(prompts))
+            samples = iter(pol.generate(prompts, **kw))
         except Exception as e:  # noqa: BLE001 - handed to every waiting request
             for s in batch:
                 s.error, s.done = e, True

@@ -21,6 +21,7 @@ entropy, enough to rank steps for `rollout.strategy: entropy`. With k = 0 (defau
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -281,9 +282,20 @@ class OpenAIPolicy:
         body.update(self.extra_body)
         return body
 
-    def complete(self, ctx: list[int], seed: int, headers: Mapping[str, str] | None = None) -> StepSample:
-        """One context's step (no triage): what `generate` and the router (`routing.py`) send per context."""
-        return self._complete(ctx, seed, headers)
+    def complete(
+        self,
+        ctx: list[int],
+        seed: int,
+        headers: Mapping[str, str] | None = None,
+        stops: Sequence[str] | None = None,
+    ) -> StepSample:
+        """One context's step (no triage), for the router (`routing.py`): extra headers, and stop strings
+        replacing the policy's own for this request (None: the policy's)."""
+        client = self
+        if stops is not None and tuple(stops) != self.stop_strings:
+            client = copy.copy(self)  # shares the stats, the warnings and the tokenizer
+            client.stop_strings = tuple(stops)
+        return client._complete(ctx, seed, headers)
 
     def _complete(self, ctx: list[int], seed: int, headers: Mapping[str, str] | None = None) -> StepSample:
         reply = self._request("/completions", self._body(ctx, seed), headers)

@@ -154,7 +154,11 @@ class RoutedPolicy:
     def encode_observation(self, text: str) -> list[int]:
         return self.clients[0].encode_observation(text)
 
-    def generate(self, contexts: Sequence[Sequence[int]]) -> list[StepSample]:
+    def generate(
+        self, contexts: Sequence[Sequence[int]], stop: Sequence[str] | None = None
+    ) -> list[StepSample]:
+        """Each context to its server (siblings together); `stop` replaces the clients' stop strings."""
+        stops = None if stop is None else tuple(str(s) for s in stop if s)
         out, work = triage_contexts(contexts, self.max_context, self.vocab_size)
         seeds = self.generator.request_seeds(len(contexts))
         keys = [self.keys.key_of(contexts[i]) for i in work]
@@ -175,6 +179,7 @@ class RoutedPolicy:
                     [int(t) for t in contexts[work[j]]],
                     seeds[work[j]],
                     {self.session_header: f"{keys[j]:016x}"},
+                    stops,
                 )
                 for s, js in per_server.items()
                 for j in js
