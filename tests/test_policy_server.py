@@ -314,11 +314,11 @@ def test_engine_failure_is_a_json_500_and_the_server_stays_up(server, tok):
     real = server.engine.policy.generate
     calls = {"n": 0}
 
-    def flaky(contexts):
+    def flaky(contexts, **kw):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(contexts)
+        return real(contexts, **kw)
 
     server.engine.policy.generate = flaky
     body = {"prompt": ids(tok, "the fox"), "max_tokens": 3, "temperature": 0}
