@@ -24,6 +24,7 @@ def _env() -> dict[str, str]:
 
 def test_serve_policy_subprocess_serves_the_run_model(tiny_config: Path, capsys):
     cmd = [sys.executable, "-m", "treegrpo", "serve-policy", "--config", str(tiny_config), "--port", "0"]
+    cmd += ["--prefix-cache-tokens", "4096", "--max-batch-rows", "8"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT
     )
@@ -73,3 +74,7 @@ def test_serve_policy_bad_checkpoint_is_one_line_exit_2(tiny_config: Path, tmp_p
         timeout=300,
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --checkpoint")
+    proc = subprocess.run(
+        [*cmd, "--max-batch-rows", "0"], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --max-batch-rows: must be >= 1, got 0"

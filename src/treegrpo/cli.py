@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint or model directory (default: the run's latest)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
+    p.add_argument("--prefix-cache-tokens", type=int, help="KV prefix cache size in tokens (default 32768)")
+    p.add_argument("--max-batch-rows", type=int, help="prompts batched into one generate call (default 64)")
 
     p = sub.add_parser("config", help="configuration helpers")
     csub = p.add_subparsers(dest="config_command")
@@ -116,7 +118,14 @@ def _run(args: argparse.Namespace) -> int:
         from treegrpo.policy_server import serve_policy_cli
 
         cfg = load_config(args.config, args.overrides, args.preset)
-        serve_policy_cli(cfg, args.checkpoint, host=args.host, port=args.port)
+        serve_policy_cli(
+            cfg,
+            args.checkpoint,
+            host=args.host,
+            port=args.port,
+            prefix_cache_tokens=args.prefix_cache_tokens,
+            max_batch_rows=args.max_batch_rows,
+        )
         return 0
     if args.command == "config":
         if args.config_command != "show":

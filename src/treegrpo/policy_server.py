@@ -341,7 +341,8 @@ def _uvicorn_server(app: Starlette, limits: ServerLimits) -> Any:
         app,
         log_level="warning",
         access_log=False,
-        limit_concurrency=limits.max_waiting + 32,
+        # A last line of defence (plain-text 503): our own queue bound answers with a JSON 503 well before.
+        limit_concurrency=max(256, 4 * limits.max_waiting),
         timeout_keep_alive=30,
     )
     return uvicorn.Server(config)
@@ -399,7 +400,7 @@ class BackgroundServer:
         self._sock.close()
 
 
-def engine_for_config(cfg: Any, checkpoint: str | None = None) -> PolicyEngine:
+def engine_for_config(cfg: Any, checkpoint: str | None = None, **engine_kwargs: Any) -> PolicyEngine:
     """The model `train` would build from `cfg` (or a checkpoint of it), as a `PolicyEngine`."""
     from treegrpo.policy_engine import checkpoint_step
     from treegrpo.trainer import _model_for_cli  # the trainer's own model assembly (moves with #11's split)
@@ -407,12 +408,33 @@ def engine_for_config(cfg: Any, checkpoint: str | None = None) -> PolicyEngine:
     parts, ckpt = _model_for_cli(cfg, checkpoint)
     step = checkpoint_step(ckpt) if ckpt is not None else None
     return PolicyEngine(
-        parts.model, parts.tokenizer, name=cfg.policy.api_model or cfg.name, version=step or 0
+        parts.model,
+        parts.tokenizer,
+        name=cfg.policy.api_model or cfg.name,
+        version=step or 0,
+        **engine_kwargs,
     )
 
 
 def serve_policy_cli(
-    cfg: Any, checkpoint: str | None, host: str, port: int, limits: ServerLimits | None = None
+    cfg: Any,
+    checkpoint: str | None,
+    host: str,
+    port: int,
+    limits: ServerLimits | None = None,
+    prefix_cache_tokens: int | None = None,
+    max_batch_rows: int | None = None,
 ) -> None:
     """`treegrpo serve-policy`: the model `train` would build (same config resolution), optionally a checkpoint."""
-    serve(engine_for_config(cfg, checkpoint), host=host, port=port, limits=limits)
+    from treegrpo.errors import UserError
+
+    if prefix_cache_tokens is not None and prefix_cache_tokens < 0:
+        raise UserError(f"--prefix-cache-tokens: must be >= 0, got {prefix_cache_tokens}")
+    if max_batch_rows is not None and max_batch_rows < 1:
+        raise UserError(f"--max-batch-rows: must be >= 1, got {max_batch_rows}")
+    kw: dict[str, Any] = {}
+    if prefix_cache_tokens is not None:
+        kw["prefix_cache_tokens"] = prefix_cache_tokens
+    if max_batch_rows is not None:
+        kw["max_batch_rows"] = max_batch_rows
+    serve(engine_for_config(cfg, checkpoint, **kw), host=host, port=port, limits=limits)
