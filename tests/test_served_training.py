@@ -208,3 +208,18 @@ def test_served_run_model_serves_exactly_the_trainers_model(tiny_config):
         )
         res = sample_forests(rows, ["a", "b"], pol, parts.env, served_cfg.rollout, np.random.default_rng(0))
         assert res.budget["trajectories"] == 2 * served_cfg.rollout.group_size
+
+
+def test_prefix_hit_metric_waits_for_servers_that_report_it():
+    class Counters:  # the two counters and the version ledger of a RoutedPolicy
+        stats = {"prompt_tokens": 0, "prefill_tokens": 0}
+
+        def take_versions(self):
+            return [3]
+
+    pol = Counters()
+    hooks = ServedTraining(pol, NoSync(3), max_staleness=1)  # type: ignore[arg-type]
+    pol.stats.update(prompt_tokens=100, prefill_tokens=100)  # nothing cached reported
+    assert hooks.rollout_metrics(3) == {"train/staleness": 0.0}
+    pol.stats.update(prompt_tokens=300, prefill_tokens=150)  # 200 new prompt tokens, 50 recomputed
+    assert hooks.rollout_metrics(3) == {"train/staleness": 0.0, "rollout/server_prefix_hit": 0.75}

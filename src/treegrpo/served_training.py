@@ -45,6 +45,7 @@ class ServedTraining:
         self.sync = sync
         self.max_staleness = max_staleness
         self._seen = (0, 0)  # (prompt tokens, prefill tokens) of the policy at the last metrics call
+        self._servers_report_hits = False
 
     @classmethod
     def from_config(
@@ -82,7 +83,10 @@ class ServedTraining:
         dp, df = prompt - self._seen[0], prefill - self._seen[1]
         self._seen = (prompt, prefill)
         out = {"train/staleness": float(lag)}
-        if dp > 0:
+        # Servers that do not report cached tokens (vLLM without --enable-prompt-tokens-details) look like
+        # a hit rate of 0: the metric appears once any server has reported a cached token.
+        self._servers_report_hits = self._servers_report_hits or df < dp
+        if dp > 0 and self._servers_report_hits:
             out["rollout/server_prefix_hit"] = 1.0 - df / dp
         return out
 
