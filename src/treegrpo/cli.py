@@ -1,4 +1,4 @@
-"""`treegrpo` command line: train, eval, rollout, report, credit, serve-retriever, config show.
+"""`treegrpo` command line: train, eval, rollout, report, credit, serve-retriever, serve-policy, config show.
 
 User-facing errors (bad config, data, paths, unreachable services) print one line and exit 2;
 `--debug` shows the traceback instead.
@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="request body limit (413)")
     p.add_argument("--body-timeout", type=float, default=10.0, help="seconds to receive a body (else 408)")
 
+    p = sub.add_parser("serve-policy", help="serve the policy over an OpenAI-compatible completions API")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint or model directory (default: the run's latest)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
+    p.add_argument("--prefix-cache-tokens", type=int, help="KV prefix cache size in tokens (default 32768)")
+    p.add_argument("--max-batch-rows", type=int, help="prompts batched into one generate call (default 64)")
+
     p = sub.add_parser("config", help="configuration helpers")
     csub = p.add_subparsers(dest="config_command")
     show = csub.add_parser("show", help="print the effective config as YAML")
@@ -156,6 +164,19 @@ def _run(args: argparse.Namespace) -> int:
         sock = bind_socket(args.host, args.port)  # a busy port fails now, not after indexing
         retriever = BM25Retriever(corpus_path=args.corpus, cache_dir=args.cache_dir)
         serve(retriever, host=args.host, port=args.port, limits=limits, label=args.corpus, sock=sock)
+        return 0
+    if args.command == "serve-policy":
+        from treegrpo.policy_server import serve_policy_cli
+
+        cfg = load_config(args.config, args.overrides, args.preset)
+        serve_policy_cli(
+            cfg,
+            args.checkpoint,
+            host=args.host,
+            port=args.port,
+            prefix_cache_tokens=args.prefix_cache_tokens,
+            max_batch_rows=args.max_batch_rows,
+        )
         return 0
     if args.command == "config":
         if args.config_command != "show":

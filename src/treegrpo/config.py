@@ -74,7 +74,13 @@ class PolicyConfig:
     temperature: float = field(default=1.0, metadata={"min": 0.0})
     top_p: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
     max_new_tokens: int = field(default=48, metadata={"min": 1, "max": 32768})
-    base_url: str = ""  # openai: http://host:port (or …/v1) of the vLLM / SGLang server
+    # openai: http://host:port (or …/v1) of the vLLM / SGLang / serve-policy server; comma-separate several
+    base_url: str = ""
+    # openai with several servers: sticky = every node of a tree on one server (prefix-cache hits);
+    # round_robin / random: no affinity (baselines)
+    routing: Literal["sticky", "round_robin", "random"] = "sticky"
+    # openai training: how the servers get fresh weights after each update (auto = lora for LoRA models, else full)
+    weight_sync: Literal["auto", "lora", "full", "none"] = "auto"
     api_model: str = ""  # openai: served model name; empty = the first one the server lists
     request_timeout: float = field(default=120.0, metadata={"min": 0.0})  # openai: seconds per request
     max_retries: int = field(default=2, metadata={"min": 0, "max": 100})  # openai: retries per request
@@ -158,6 +164,8 @@ class TrainerConfig:
     keep_last: int = field(default=2, metadata={"min": 1, "max": 1000})
     max_bad_steps: int = field(default=3, metadata={"min": 1, "max": 1000})
     save_trees_every: int = field(default=10, metadata={"min": 0, "max": _MAX_STEPS})
+    # openai backend: refuse to train on rollouts sampled more than this many weight versions ago
+    max_staleness: int = field(default=1, metadata={"min": 0, "max": 1000})
 
 
 @dataclass

@@ -21,6 +21,7 @@ entropy, enough to rank steps for `rollout.strategy: entropy`. With k = 0 (defau
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -208,13 +209,16 @@ class OpenAIPolicy:
         return [o for o in out if o is not None]
 
     # -- HTTP ---------------------------------------------------------------------------------------
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
         if self.api_key:
             h["Authorization"] = f"Bearer {self.api_key}"
+        h.update(extra or {})
         return h
 
-    def _request(self, path: str, body: Mapping[str, Any] | None = None) -> Any:
+    def _request(
+        self, path: str, body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+    ) -> Any:
         """GET (body None) or POST JSON with bounded retries; returns the decoded JSON reply."""
         url = self.base_url + path
         data = None if body is None else json.dumps(body).encode("utf-8")
@@ -226,7 +230,7 @@ class OpenAIPolicy:
                 self._sleep(self.backoff * (2 ** (attempt - 1)))
             self.stats["requests"] += 1
             req = urllib.request.Request(
-                url, data=data, method="GET" if data is None else "POST", headers=self._headers()
+                url, data=data, method="GET" if data is None else "POST", headers=self._headers(headers)
             )
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -278,8 +282,23 @@ class OpenAIPolicy:
         body.update(self.extra_body)
         return body
 
-    def _complete(self, ctx: list[int], seed: int) -> StepSample:
-        reply = self._request("/completions", self._body(ctx, seed))
+    def complete(
+        self,
+        ctx: list[int],
+        seed: int,
+        headers: Mapping[str, str] | None = None,
+        stops: Sequence[str] | None = None,
+    ) -> StepSample:
+        """One context's step (no triage), for the router (`routing.py`): extra headers, and stop strings
+        replacing the policy's own for this request (None: the policy's)."""
+        client = self
+        if stops is not None and tuple(stops) != self.stop_strings:
+            client = copy.copy(self)  # shares the stats, the warnings and the tokenizer
+            client.stop_strings = tuple(stops)
+        return client._complete(ctx, seed, headers)
+
+    def _complete(self, ctx: list[int], seed: int, headers: Mapping[str, str] | None = None) -> StepSample:
+        reply = self._request("/completions", self._body(ctx, seed), headers)
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise PolicyServerError(f"generation server {self.base_url}: reply has no choices")
