@@ -165,7 +165,7 @@ class FullParts:
     def __init__(self, preset: str, sets: Sequence[str]) -> None:
         from treegrpo.build import build_run
         from treegrpo.config import load_config
-        from treegrpo.trainer import make_policy
+        from treegrpo.policy_factory import make_policy
 
         self.preset = preset
         self.overrides = [f"data.task_kwargs={PLANTED_TASK}", "warmstart.early_stop_prob=0.0", *sets]

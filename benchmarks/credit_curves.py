@@ -61,7 +61,7 @@ QUICK_SETS = [
 
 def measure(full: FullParts, model: Any, rows: list[dict[str, Any]], seed: int) -> dict[str, float]:
     """Planted-mistake rates of one sampled chain per row under the current weights."""
-    policy = full.make_policy(model, full.parts.tokenizer, full.cfg, greedy=False, seed=seed, training=False)
+    policy = full.make_policy(model, full.parts.tokenizer, full.cfg, greedy=False, seed=seed)
     cfg = copy.deepcopy(full.base)
     cfg.strategy, cfg.num_generations = "chain", 1
     res = sample_forests(

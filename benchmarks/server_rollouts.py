@@ -73,9 +73,9 @@ def call(url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, A
 
 
 def measure(cfg: Any, parts: Any, urls: list[str], routing: str, prompts: int, steps: int) -> dict[str, Any]:
+    from treegrpo.data import batch_rows, group_ids_of
     from treegrpo.policies.routing import served_policy
     from treegrpo.rollout import sample_forests
-    from treegrpo.trainer import batch_rows, group_ids_of
 
     for u in urls:
         call(u, "/reset_prefix_cache", {})

@@ -1,8 +1,4 @@
-"""Training through `serve-policy` servers (real HTTP on 127.0.0.1), once the run loop calls the hooks.
-
-Skipped while `make_policy` still refuses `policy.backend: openai` for training (the trainer integration
-of `served_training.ServedTraining` lands with the trainer split); it then runs as written.
-"""
+"""Training through `serve-policy` servers (real HTTP on 127.0.0.1): weight sync, mismatch, staleness."""
 
 from __future__ import annotations
 
@@ -19,37 +15,12 @@ from treegrpo.errors import UserError
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-def _make_policy():
-    try:
-        from treegrpo.policy_factory import make_policy  # after the trainer split
-    except ImportError:
-        from treegrpo.trainer import make_policy
-    return make_policy
-
-
-def _trains_through_servers() -> bool:
-    cfg = load_config(None, ["policy.backend=openai", "policy.base_url=http://127.0.0.1:9"])
-    try:
-        _make_policy()(None, None, cfg, greedy=False, seed=0, training=True)
-    except UserError as e:
-        return "training cannot" not in str(e)
-    except Exception:  # noqa: BLE001 - anything else means it tried to reach the server
-        return True
-    return True
-
-
-needs_integration = pytest.mark.skipif(
-    not _trains_through_servers(), reason="the run loop does not train through servers yet"
-)
-
-
 def _metrics(run: Path) -> dict[int, dict]:
     return {
         r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["step"]
     }
 
 
-@needs_integration
 def test_weights_follow_the_trainer_and_mismatch_is_rounding(tiny_config: Path):
     from treegrpo.trainer import train
 
@@ -72,7 +43,6 @@ def test_weights_follow_the_trainer_and_mismatch_is_rounding(tiny_config: Path):
         assert m[step]["train/policy_version"] == step
 
 
-@needs_integration
 def test_without_sync_the_mismatch_grows_and_the_stale_guard_stops(tiny_config: Path):
     from treegrpo.trainer import train
 

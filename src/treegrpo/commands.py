@@ -21,7 +21,7 @@ from treegrpo.tree import leaf_arrays, write_jsonl
 from treegrpo.update import attach_advantages
 
 
-def _model_for_cli(cfg: Config, checkpoint: str | None) -> tuple[RunParts, Any]:
+def model_for_cli(cfg: Config, checkpoint: str | None) -> tuple[RunParts, Any]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     parts = build_run(cfg, log=lambda s: None, device=device)
     parts.model.to(device)
@@ -52,11 +52,11 @@ def evaluate_cli(cfg: Config, checkpoint: str | None = None) -> dict[str, float]
         model: Any = SimpleNamespace(config=AutoConfig.from_pretrained(path))
         env, ckpt = build_env(cfg, build_retriever(cfg, task), tok), None
     else:
-        parts, ckpt = _model_for_cli(cfg, checkpoint)
+        parts, ckpt = model_for_cli(cfg, checkpoint)
         model, tok, env, eval_rows = parts.model, parts.tokenizer, parts.env, parts.eval_rows
     if not eval_rows:
         raise UserError("data.eval_path: no evaluation rows (set data.eval_path or use a built-in task)")
-    policy = make_policy(model, tok, cfg, greedy=True, seed=cfg.seed, training=False)
+    policy = make_policy(model, tok, cfg, greedy=True, seed=cfg.seed)
     res = evaluate(policy, env, eval_rows)
     where = f"{policy.model_name} served at {policy.base_url}" if served else None
     print(f"model: {where or ckpt or 'warm-start / base model'}")
@@ -66,11 +66,11 @@ def evaluate_cli(cfg: Config, checkpoint: str | None = None) -> dict[str, float]
 
 
 def rollout_cli(cfg: Config, out: str, num_prompts: int, checkpoint: str | None = None) -> None:
-    parts, _ = _model_for_cli(cfg, checkpoint)
+    parts, _ = model_for_cli(cfg, checkpoint)
     if num_prompts > len(parts.train_rows):
         raise UserError(f"--prompts: {num_prompts} is more than the {len(parts.train_rows)} training rows")
     rows = batch_rows(parts.train_rows, 0, num_prompts, cfg.seed)
-    policy = make_policy(parts.model, parts.tokenizer, cfg, greedy=False, seed=cfg.seed, training=False)
+    policy = make_policy(parts.model, parts.tokenizer, cfg, greedy=False, seed=cfg.seed)
     rcfg = cfg.rollout
     if rcfg.max_context_tokens is None:
         rcfg.max_context_tokens = int(getattr(parts.model.config, "max_position_embeddings", 4096))

@@ -293,7 +293,7 @@ class PolicyEngine:
     # -- full weights -------------------------------------------------------------------------------
     def reload_weights(self, path: str, version: int | None = None) -> int:
         """Load full weights (or the training adapter) from a checkpoint dir in place; bump the version."""
-        from treegrpo.trainer import load_weights  # the trainer's own loader: same formats as `train` writes
+        from treegrpo.checkpoint import load_weights  # the same formats `train` writes
 
         src = Path(path)
         if not src.is_dir():

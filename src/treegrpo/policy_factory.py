@@ -6,43 +6,20 @@ from pathlib import Path
 from typing import Any
 
 from treegrpo.config import Config
-from treegrpo.errors import UserError
 from treegrpo.policies.hf import HFPolicy
 
 
-def make_policy(
-    model: Any, tokenizer: Any, cfg: Config, greedy: bool, seed: int, training: bool = True
-) -> Any:
+def make_policy(model: Any, tokenizer: Any, cfg: Config, greedy: bool, seed: int) -> Any:
     """The `policy.backend` policy over `model` (hf, vllm) or over a served copy of it (openai)."""
     pc = cfg.policy
     common = dict(
         top_p=pc.top_p, max_new_tokens=pc.max_new_tokens, greedy=greedy or pc.temperature == 0, seed=seed
     )
     max_ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if pc.backend == "openai":
-        if training:
-            raise UserError(
-                "policy.backend: 'openai' samples from a separately served model that training cannot "
-                "update; use it with `treegrpo eval`, and hf or vllm to train"
-            )
-        if not pc.base_url:
-            raise UserError("policy.base_url: required when policy.backend is 'openai' (--base-url)")
-        from treegrpo.policies.openai import OpenAIPolicy
+    if pc.backend == "openai":  # servers; training pushes its weights to them after each update
+        from treegrpo.policies.routing import policy_for_config
 
-        try:
-            return OpenAIPolicy(
-                pc.base_url,
-                tokenizer,
-                model=pc.api_model,
-                temperature=pc.temperature,
-                max_context=int(max_ctx) if max_ctx else None,
-                timeout=pc.request_timeout if pc.request_timeout > 0 else 120.0,
-                max_retries=pc.max_retries,
-                entropy_topk=pc.entropy_topk,
-                **common,
-            )
-        except ValueError as e:
-            raise UserError(f"policy.base_url: {e}") from None
+        return policy_for_config(cfg, tokenizer, int(max_ctx) if max_ctx else None, greedy=greedy, seed=seed)
     if pc.backend == "vllm":
         import os
 

@@ -402,10 +402,10 @@ class BackgroundServer:
 
 def engine_for_config(cfg: Any, checkpoint: str | None = None, **engine_kwargs: Any) -> PolicyEngine:
     """The model `train` would build from `cfg` (or a checkpoint of it), as a `PolicyEngine`."""
+    from treegrpo.commands import model_for_cli  # the same model assembly as `eval` and `train`
     from treegrpo.policy_engine import checkpoint_step
-    from treegrpo.trainer import _model_for_cli  # the trainer's own model assembly (moves with #11's split)
 
-    parts, ckpt = _model_for_cli(cfg, checkpoint)
+    parts, ckpt = model_for_cli(cfg, checkpoint)
     step = checkpoint_step(ckpt) if ckpt is not None else None
     return PolicyEngine(
         parts.model,

@@ -47,6 +47,7 @@ from treegrpo.reference import reference_model
 from treegrpo.rewards import exact_match, extract_answer
 from treegrpo.rollout import sample_forests
 from treegrpo.run_log import MetricsLogger
+from treegrpo.served_training import ServedTraining
 from treegrpo.tree import Forest, leaf_arrays, write_jsonl
 from treegrpo.update import (
     NonFiniteWeights,
@@ -157,6 +158,10 @@ class Trainer:
         self.np_rng = np.random.default_rng(cfg.seed)
         self.policy = make_policy(self.model, parts.tokenizer, cfg, greedy=False, seed=cfg.seed)
         self.greedy = make_policy(self.model, parts.tokenizer, cfg, greedy=True, seed=cfg.seed)
+        # Served rollouts (policy.backend openai): weight sync after each update, the staleness guard.
+        self.served = ServedTraining.from_config(
+            cfg, self.model, self.policy, run_dir, followers=[self.greedy]
+        )
         self.step = 0
         self.data_position = 0
         self.bad_steps = 0
@@ -209,10 +214,12 @@ class Trainer:
         self._seed_step()
         forests, budget, rows = self.rollout()
         t_roll = time.perf_counter() - t0
+        metrics: dict[str, Any] = {}
+        if self.served is not None:  # staleness guard: raises beyond trainer.max_staleness
+            metrics.update(self.served.rollout_metrics(trainer_version=self.step))
         rewards, groups, tree_ids = leaf_arrays(forests)
         r = np.asarray(rewards, dtype=np.float64)
         adv = self.advantages(r, groups, tree_ids)
-        metrics: dict[str, Any] = {}
         # Every rank takes the same branch (a rank alone skipping would leave the others waiting).
         if self.dist.all_true(adv is not None and bool(np.all(np.isfinite(adv)))):
             per_tree = attach_advantages(forests, adv)
@@ -229,10 +236,21 @@ class Trainer:
             warnings.warn(f"step {self.step + 1}: {why}", stacklevel=2)
         self.step += 1
         self.data_position += self.cfg.trainer.prompts_per_step
+        if self.served is not None:  # the servers sample the next step with the weights just made
+            self.sync_servers(self.served.after_update)
+            metrics["train/policy_version"] = float(self.served.policy.version)
         metrics["time/rollout_seconds"] = t_roll
         metrics["time/step_seconds"] = time.perf_counter() - t0
         metrics["_forests"] = forests
         return metrics
+
+    def sync_servers(self, hook: Any) -> None:
+        """Run a weight-sync hook: the main process pushes the weights, the others follow its version."""
+        if self.dist.is_main:
+            hook(self.model, self.step)
+        self.dist.barrier()
+        if not self.dist.is_main:
+            hook(self.model, self.step, is_main=False)
 
     def _seed_step(self) -> None:
         s = step_seed(self.cfg.seed, self.step) + 7_777 * self.rank
@@ -425,6 +443,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             parts = build_run(cfg, log=ui.log, on_sft_step=ui.sft_callback(), device=dist.device)
         trainer = Trainer(cfg, parts, run_dir, dist)
         resumed = trainer.resume() if resume else False
+        if trainer.served is not None:  # the servers start from the trainer's (resumed) weights
+            trainer.sync_servers(trainer.served.begin)
         if resumed:
             ui.log(f"resumed from step {trainer.step}")
         logger = _Logger(run_dir, trainer.step if resumed else None, enabled=main)

@@ -28,10 +28,10 @@ CREDIT_FILE = "credit.json"
 def credit_cli(run_dir: str, k: int = 16, prompts: int = 8, seed: int = 0) -> int:
     """Measure credit quality by depth for a run's latest checkpoint; write RUN_DIR/credit.json."""
     from treegrpo.build import build_run
-    from treegrpo.checkpoint import latest_checkpoint
+    from treegrpo.checkpoint import latest_checkpoint, load_weights
     from treegrpo.config import load_config
+    from treegrpo.policy_factory import make_policy
     from treegrpo.rollout import sample_forests
-    from treegrpo.trainer import load_weights, make_policy
 
     root = Path(run_dir)
     if not (root / "config.yaml").is_file():
@@ -46,7 +46,7 @@ def credit_cli(run_dir: str, k: int = 16, prompts: int = 8, seed: int = 0) -> in
     ckpt = latest_checkpoint(root / "checkpoints")
     if ckpt is not None:
         load_weights(parts.model, ckpt)
-    policy = make_policy(parts.model, parts.tokenizer, cfg, greedy=False, seed=seed, training=False)
+    policy = make_policy(parts.model, parts.tokenizer, cfg, greedy=False, seed=seed)
     rcfg = copy.deepcopy(cfg.rollout)
     if rcfg.max_context_tokens is None:
         rcfg.max_context_tokens = int(getattr(parts.model.config, "max_position_embeddings", 4096))
