@@ -255,8 +255,10 @@ def _tokenizer_texts(
             prompt = env.build_prompt(row["question"]) if hasattr(env, "build_prompt") else env.start(row)[1]
             texts.append(_prompt_text(prompt))
             texts.append(" ".join(str(a) for a in row["golden_answers"]))
-        for demo in task.demonstrations(n=len(task.train_rows), early_stop_prob=0.5):
-            texts.extend(demo.steps)
+        from treegrpo.demos import with_steps
+
+        for demo in with_steps(task.demonstrations(n=len(task.train_rows), early_stop_prob=0.5), env):
+            texts.extend(demo["steps"] if isinstance(demo, dict) else demo.steps)
     else:
         docs = getattr(retriever, "docs", None) or []
         texts = [f"{d.get('title', '')} {d.get('text', '')}" for d in docs]
@@ -291,7 +293,11 @@ def demonstrations_for(cfg: Config, task: Any, env: Any, log: Callable[[str], No
 
         return load_demonstrations(ws.demos_path, env, limit=ws.num_demos)
     if task is not None:
-        return task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed)
+        from treegrpo.demos import with_steps
+
+        return with_steps(
+            task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed), env
+        )
     log(
         "warm start: skipped: your own data has no demonstrations; set warmstart.demos_path to a jsonl "
         "of demonstrations (see README, Demonstrations), or warmstart.enabled=false to silence this"

@@ -40,6 +40,18 @@ def _steps_from_messages(messages: Any, env: Any, where: str) -> list[str]:
     return steps
 
 
+def with_steps(demos: list[Any], env: Any) -> list[Any]:
+    """Demonstrations given as chat ``messages`` (a task's, or a file's) turned into step texts."""
+    out: list[Any] = []
+    for d in demos:
+        if isinstance(d, Mapping) and "messages" in d and "steps" not in d:
+            where = f"demonstration {d.get('row', {}).get('group_id', len(out))}"
+            out.append({"row": d["row"], "steps": _steps_from_messages(d["messages"], env, where)})
+        else:
+            out.append(d)
+    return out
+
+
 def load_demonstrations(path: str | Path, env: Any = None, limit: int | None = None) -> list[dict[str, Any]]:
     """``[{"row": normalized row, "steps": [str, ...]}]`` from a jsonl file (the first `limit` lines)."""
     p = Path(path)
@@ -77,4 +89,4 @@ def load_demonstrations(path: str | Path, env: Any = None, limit: int | None = N
     return demos
 
 
-__all__ = ["DemoError", "load_demonstrations"]
+__all__ = ["DemoError", "load_demonstrations", "with_steps"]
