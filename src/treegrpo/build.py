@@ -69,10 +69,17 @@ def import_plugins(cfg: Config) -> None:
     from treegrpo.plugins import load_object
     from treegrpo.rewards import REWARDS
 
-    if cfg.env.name not in ENVS:
-        load_object(cfg.env.name)
-    if cfg.env.reward not in REWARDS:
-        load_object(cfg.env.reward)
+    for field_name, value, known in (
+        ("env.name", cfg.env.name, ENVS),
+        ("env.reward", cfg.env.reward, REWARDS),
+    ):
+        if value in known:
+            continue
+        if ":" not in value and "." not in value:
+            raise UserError(
+                f"{field_name}: unknown {value!r}; built-ins: {', '.join(sorted(known))}, or 'pkg.module:Name'"
+            )
+        load_object(value)
 
 
 def _accepts(factory: Any, name: str) -> bool:
@@ -359,7 +366,8 @@ def build_tiny(
     text_demos = demonstrations_for(cfg, task, text_env, log=lambda _: None)
     replays = replay(text_env, text_demos) if text_demos and cfg.warmstart.demos_path else []
     texts = _tokenizer_texts(task, text_env, rows, replays, retriever)
-    tok = train_tokenizer(texts, kind=cfg.model.tokenizer)
+    extra = list(text_env.tokenizer_tokens()) if callable(getattr(text_env, "tokenizer_tokens", None)) else []
+    tok = train_tokenizer(texts, kind=cfg.model.tokenizer, extra_tokens=extra)
     env = build_env(cfg, retriever, tok)
     model = tiny_causal_lm(
         tok,

@@ -101,7 +101,7 @@ class Environment(Protocol):
       Search-R1's ``</search>``, ``</answer>``); a step stops at the first of them, keeping the whole
       token the string ends in. ``()`` means "only the end-of-turn token ends a step".
     - ``tokenizer_texts()``: extra texts (observations, tags) a tokenizer trained for this environment
-      must cover.
+      must cover; ``tokenizer_tokens()``: strings it keeps whole, one token each (e.g. tags).
     """
 
     def start(self, row: Mapping[str, Any]) -> tuple[Any, Prompt]:

@@ -210,6 +210,10 @@ class ToolsEnv:
         """An assistant message of a demonstration (content + ``tool_calls``) as the step text."""
         return self.format.demo_step(message)
 
+    def tokenizer_tokens(self) -> list[str]:
+        """Tags a tokenizer trained for this environment keeps whole (one token each)."""
+        return ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>", "</tools>"]
+
     def tokenizer_texts(self) -> list[str]:
         """The scaffolding a tokenizer trained for this environment must cover."""
         sample = self.format.render(self.build_prompt("x"), add_generation_prompt=True)

@@ -117,7 +117,7 @@ class ArithToolsTask(Task):
 
 
 def _build_arith_tools(
-    seed: int = 0, n_train: int = 2000, n_eval: int = 200, max_factor: int = 19, max_addend: int = 99
+    seed: int = 0, n_train: int = 1000, n_eval: int = 200, max_factor: int = 9, max_addend: int = 20
 ) -> Task:
     from treegrpo.tasks.arith_tools import make_rows, number_corpus
 

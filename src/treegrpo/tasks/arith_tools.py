@@ -1,6 +1,7 @@
 """`arith-tools`: two-step arithmetic with a calculator, on the native tool-calling protocol.
 
-Each question is ``What is a * b + c ?``. The oracle calls ``calculator("a * b")``, then
+Each question is ``What is (a * b) + c ?`` (the parenthesis puts ``a`` at a word start, so a
+word-level tokenizer gives it the same token in the question and in the JSON call). The oracle calls ``calculator("a * b")``, then
 ``calculator("<result> + c")`` with the first result copied from the tool message, then answers
 ``<answer> value </answer>``. Like synthetic-kb's demonstrations, a share of them (``early_stop_prob``)
 stop one call early and answer the intermediate product, so RL has something to fix. It pairs with
@@ -19,7 +20,7 @@ MAX_NUMBER = 999
 
 def _row(a: int, b: int, c: int, index: int, split: str) -> dict[str, Any]:
     return {
-        "question": f"What is {a} * {b} + {c} ?",
+        "question": f"What is ({a} * {b}) + {c} ?",
         "golden_answers": [str(a * b + c)],
         "data_source": DATA_SOURCE,
         "index": index,
@@ -30,7 +31,7 @@ def _row(a: int, b: int, c: int, index: int, split: str) -> dict[str, Any]:
 
 
 def make_rows(
-    seed: int = 0, n_train: int = 2000, n_eval: int = 200, max_factor: int = 19, max_addend: int = 99
+    seed: int = 0, n_train: int = 1000, n_eval: int = 200, max_factor: int = 9, max_addend: int = 20
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Disjoint train / held-out questions (no (a, b, c) triple in both)."""
     if max_factor * max_factor + max_addend > MAX_NUMBER:
