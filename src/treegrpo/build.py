@@ -363,8 +363,11 @@ def build_tiny(
         return model, tok, info
     t0 = time.perf_counter()
     text_env = build_env(cfg, retriever, None)
-    text_demos = demonstrations_for(cfg, task, text_env, log=lambda _: None)
-    replays = replay(text_env, text_demos) if text_demos and cfg.warmstart.demos_path else []
+    # a demos file's steps and real observations are texts the tokenizer must cover (a task's are in its texts)
+    text_demos = (
+        demonstrations_for(cfg, task, text_env, log=lambda _: None) if cfg.warmstart.demos_path else None
+    )
+    replays = replay(text_env, text_demos) if text_demos else []
     texts = _tokenizer_texts(task, text_env, rows, replays, retriever)
     extra = list(text_env.tokenizer_tokens()) if callable(getattr(text_env, "tokenizer_tokens", None)) else []
     tok = train_tokenizer(texts, kind=cfg.model.tokenizer, extra_tokens=extra)
