@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from treegrpo.errors import UserError
-from treegrpo.tokenizer import IM_END, TOOLS_CHAT_TEMPLATE
+from treegrpo.tokenizer import IM_END, TINY_TOOLS_CHAT_TEMPLATE, TOOLS_CHAT_TEMPLATE
 
 _SENTINEL = "\u2063treegrpo-step\u2063"
 HERMES = "hermes"
@@ -126,7 +126,9 @@ class ChatFormat:
 
     # -- checks ------------------------------------------------------------------------------------
     def _choose(self, option: str, log: Callable[[str], None]) -> tuple[str, str]:
-        if option == HERMES or (self.tokenizer is None and not option):
+        if self.tokenizer is None and not option:  # text only: for training the tiny model's tokenizer
+            return TINY_TOOLS_CHAT_TEMPLATE, "tiny model's"
+        if option == HERMES:
             return TOOLS_CHAT_TEMPLATE, "treegrpo Hermes"
         if option and option != "model":
             if "{" not in option:

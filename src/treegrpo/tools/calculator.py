@@ -90,10 +90,10 @@ def format_number(value: float | int) -> str:
 
 
 def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression with + - * / // % ** and parentheses.
+    """Evaluate an arithmetic expression.
 
     Args:
-        expression: The arithmetic expression to evaluate, for example "12*7" or "(3+4)**2".
+        expression: Numbers with + - * / // % ** and parentheses, e.g. "12 * 7".
     """
     return format_number(calculate(expression))
 
