@@ -3,7 +3,7 @@
 Each question is ``What is (a * b) + c ?`` (the parenthesis puts ``a`` at a word start, so a
 word-level tokenizer gives it the same token in the question and in the JSON call). The oracle calls ``calculator("a * b")``, then
 ``calculator("<result> + c")`` with the first result copied from the tool message, then answers
-``<answer> value </answer>``. Like synthetic-kb's demonstrations, a share of them (``early_stop_prob``)
+``<answer>value</answer>``. Like synthetic-kb's demonstrations, a share of them (``early_stop_prob``)
 stop one call early and answer the intermediate product, so RL has something to fix. It pairs with
 ``env.name: tools`` and ``env.kwargs.tools: [calculator]`` (the ``calculator`` preset).
 """
