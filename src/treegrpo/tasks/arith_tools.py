@@ -67,11 +67,12 @@ def oracle_messages(row: Mapping[str, Any], early_stop: bool = False) -> list[di
     a, b, c = row["operands"]
     first = _call(f"{a} * {b}")
     if early_stop:
-        return [first, {"role": "assistant", "content": f"<answer> {a * b} </answer>"}]
+        return [first, {"role": "assistant", "content": f"<answer>{a * b}</answer>"}]
+    # no spaces inside the answer tags: the number is then the same word-level token as in the tool message
     return [
         first,
         _call(f"{a * b} + {c}"),
-        {"role": "assistant", "content": f"<answer> {a * b + c} </answer>"},
+        {"role": "assistant", "content": f"<answer>{a * b + c}</answer>"},
     ]
 
 
