@@ -351,3 +351,28 @@ def test_eval_cli_through_server_matches_hf(tiny_config, capsys):
     assert (
         rc == 2 and err[-1] == "error: policy.base_url: required when policy.backend is 'openai' (--base-url)"
     )
+
+
+def test_env_stop_strings_are_sent_to_the_server(server, tok):
+    """A plug-in env's `stop_strings` reach the server request and end the served step."""
+    stop = tok.decode(ids(tok, " fox")).strip()
+
+    class Env:
+        stop_strings = (stop, "</calc>")
+
+        def start(self, row):
+            return 0, [{"role": "user", "content": row["q"]}]
+
+        def step(self, states, actions):
+            return [StepResult(1, "", True, ActionKind.ANSWER) for _ in states]
+
+        def reward(self, state):
+            return 0.0
+
+    pol = OpenAIPolicy(server.url, tok, max_new_tokens=40, max_context=2048, seed=3)
+    cfg = RolloutConfig(strategy="chain", num_generations=6)
+    res = sample_forests([{"q": "the lazy dog"}], ["a"], pol, Env(), cfg, np.random.default_rng(0))
+    assert server.requests[-1]["stop"] == [stop, "</calc>"]
+    texts = [t.nodes[1].text for t in res.forests[0].trees]
+    stopped = [x for x in texts if stop in x]
+    assert stopped and all(x.rstrip().endswith(stop) for x in stopped)

@@ -8,6 +8,7 @@ setting that shapes them, so a second run starts in seconds.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from treegrpo.config import Config
+from treegrpo.config import Config, EnvConfig
 from treegrpo.errors import UserError
 from treegrpo.protocols import Environment
 
@@ -41,6 +42,7 @@ def load_data(cfg: Config) -> tuple[Any, list[dict[str, Any]], list[dict[str, An
     """(task or None, train rows, eval rows) from a dataset path or a built-in task."""
     from treegrpo.data import load_rows
 
+    import_plugins(cfg)
     if cfg.data.train_path:
         train = load_rows(cfg.data.train_path)
         evals = load_rows(cfg.data.eval_path)[: cfg.data.eval_size] if cfg.data.eval_path else []
@@ -59,8 +61,67 @@ def load_data(cfg: Config) -> tuple[Any, list[dict[str, Any]], list[dict[str, An
     return task, task.train_rows, evals[: cfg.data.eval_size]
 
 
+def import_plugins(cfg: Config) -> None:
+    """Import the plug-in modules the config names before tasks are resolved (a plug-in may
+    `register_task`); a bad path is one line naming it."""
+    from treegrpo.envs import ENVS
+    from treegrpo.plugins import load_object
+    from treegrpo.rewards import REWARDS
+
+    for field_name, value, known in (
+        ("env.name", cfg.env.name, ENVS),
+        ("env.reward", cfg.env.reward, REWARDS),
+    ):
+        if value in known:
+            continue
+        if ":" not in value and "." not in value:
+            raise UserError(
+                f"{field_name}: unknown {value!r}; built-ins: {', '.join(sorted(known))}, or 'pkg.module:Name'"
+            )
+        load_object(value)
+
+
+def _accepts(factory: Any, name: str) -> bool:
+    """Does `factory(...)` take a keyword `name` (by name or through **kwargs)?"""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _names(factory: Any, name: str) -> bool:
+    """Does `factory` name the parameter `name` explicitly (not only through **kwargs)?"""
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def env_uses_retriever(cfg: Config) -> bool:
+    """Only environments that search get a retriever (and need a corpus)."""
+    if cfg.env.name == "search_r1":
+        return True
+    if cfg.env.name == "tools":
+        from treegrpo.envs.tools import uses_search
+
+        return uses_search(cfg.env.kwargs.get("tools", []))
+    from treegrpo.plugins import load_object
+
+    return _names(load_object(cfg.env.name), "retriever")
+
+
 def build_retriever(cfg: Config, task: Any) -> Any:
+    """The configured retriever, or None for an environment that never searches.
+
+    A plug-in that takes a `retriever` argument gets one when a source is configured (a corpus, a
+    server URL or a built-in task's corpus), else None.
+    """
     rc = cfg.env.retriever
+    if not env_uses_retriever(cfg):
+        return None
+    if cfg.env.name not in ("search_r1", "tools") and rc.kind == "bm25" and not rc.corpus and task is None:
+        return None
     if rc.kind == "http":
         from treegrpo.retrievers import HTTPRetriever, RetrieverError
 
@@ -89,10 +150,11 @@ def build_retriever(cfg: Config, task: Any) -> Any:
 
 
 def build_env(cfg: Config, retriever: Any, tokenizer: Any) -> Environment:
+    """The configured environment: a built-in by name or a plug-in by import path."""
     if cfg.env.name == "search_r1":
         from treegrpo.envs.search_r1 import SearchR1Env
 
-        return SearchR1Env(
+        env: Any = SearchR1Env(
             retriever,
             max_turns=cfg.env.max_turns,
             topk=cfg.env.topk,
@@ -101,57 +163,191 @@ def build_env(cfg: Config, retriever: Any, tokenizer: Any) -> Environment:
             tokenizer=tokenizer,
             template=cfg.env.template or None,
         )
+    elif cfg.env.name == "tools":
+        from treegrpo.envs.tools import tools_env_from_config
+
+        env = tools_env_from_config(cfg, retriever, tokenizer)
+    else:
+        env = _build_plugin_env(cfg, retriever, tokenizer)
+    from treegrpo.protocols import env_stop_strings
+
+    try:
+        env_stop_strings(env)
+    except ValueError as e:
+        raise UserError(f"env.name: {cfg.env.name}: {e}") from None
+    return env
+
+
+def _build_plugin_env(cfg: Config, retriever: Any, tokenizer: Any) -> Any:
     from treegrpo.plugins import load_object
 
     env_cls = load_object(cfg.env.name)
+    if not callable(env_cls):
+        raise UserError(f"env.name: {cfg.env.name} is not a class or factory")
+    kwargs = dict(cfg.env.kwargs)
+    for name, value in (("retriever", retriever), ("tokenizer", tokenizer)):
+        if name not in kwargs and _accepts(env_cls, name):
+            kwargs[name] = value
+    if cfg.env.reward != EnvConfig().reward:
+        if not _names(env_cls, "reward_fn"):
+            raise UserError(
+                f"env.reward: {cfg.env.name} takes no reward_fn argument, so env.reward="
+                f"{cfg.env.reward} would be ignored; drop env.reward or add a reward_fn parameter"
+            )
+        from treegrpo.rewards import get_reward
+
+        kwargs["reward_fn"] = get_reward(cfg.env.reward)
     try:
-        return env_cls(retriever=retriever, tokenizer=tokenizer, **cfg.env.kwargs)
+        env = env_cls(**kwargs)
     except TypeError as e:
         raise UserError(f"env.name: could not construct {cfg.env.name} ({e})") from None
+    missing = [m for m in ("start", "step", "reward") if not callable(getattr(env, m, None))]
+    if missing:
+        raise UserError(
+            f"env.name: {cfg.env.name} has no {', '.join(missing)} method(s); an environment needs "
+            "start(row), step(states, actions) and reward(state)"
+        )
+    return env
+
+
+def _file_digest(path: str) -> str:
+    if not path or not Path(path).exists():
+        return ""
+    p = Path(path)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _cache_key(cfg: Config) -> str:
-    blob = json.dumps(
-        {
-            "v": 2,
-            "task": cfg.data.task,
-            "task_kwargs": cfg.data.task_kwargs,
-            "model": asdict(cfg.model),
-            "warmstart": asdict(cfg.warmstart),
-            "env": {k: v for k, v in asdict(cfg.env).items() if k != "retriever"},
-            "seed": cfg.seed,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    blob = {
+        "v": 2,
+        "task": cfg.data.task,
+        "task_kwargs": cfg.data.task_kwargs,
+        "model": asdict(cfg.model),
+        "warmstart": asdict(cfg.warmstart),
+        "env": {k: v for k, v in asdict(cfg.env).items() if k != "retriever"},
+        "seed": cfg.seed,
+    }
+    if cfg.data.train_path or cfg.warmstart.demos_path:  # your own data: keyed by the files' contents
+        blob["files"] = [
+            _file_digest(x)
+            for x in (
+                cfg.data.train_path,
+                cfg.data.eval_path,
+                cfg.warmstart.demos_path,
+                cfg.env.retriever.corpus,
+            )
+        ]
+    del blob["warmstart"]["demos_path"]  # where the file lives does not matter, its contents do
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _tokenizer_texts(task: Any, env: Any) -> list[str]:
-    """Everything the quickstart model will read or write: corpus, prompts, demonstrations."""
-    texts = [f"{d.get('title', '')} {d.get('text', '')}" for d in task.corpus]
-    for row in task.train_rows + task.eval_rows:
-        texts.append(" ".join(m["content"] for m in env.build_prompt(row["question"])))
-        texts.append(" ".join(str(a) for a in row["golden_answers"]))
-    for demo in task.demonstrations(n=len(task.train_rows), early_stop_prob=0.5):
-        texts.extend(demo.steps)
+def _prompt_text(prompt: Any) -> str:
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        return "\n".join(str(m.get("content", "")) for m in prompt)
+    return ""
+
+
+def _tokenizer_texts(
+    task: Any, env: Any, rows: list[dict[str, Any]], replays: list[Any], retriever: Any
+) -> list[str]:
+    """Everything the tiny model will read or write: corpus, prompts, demonstrations, observations."""
+    if task is not None:  # the built-in task's texts, unchanged (the quickstart's tokenizer stays the same)
+        texts = [f"{d.get('title', '')} {d.get('text', '')}" for d in task.corpus]
+        for row in task.train_rows + task.eval_rows:
+            prompt = env.build_prompt(row["question"]) if hasattr(env, "build_prompt") else env.start(row)[1]
+            texts.append(_prompt_text(prompt))
+            texts.append(" ".join(str(a) for a in row["golden_answers"]))
+        from treegrpo.demos import with_steps
+
+        for demo in with_steps(task.demonstrations(n=len(task.train_rows), early_stop_prob=0.5), env):
+            texts.extend(demo["steps"] if isinstance(demo, dict) else demo.steps)
+    else:
+        docs = getattr(retriever, "docs", None) or []
+        texts = [f"{d.get('title', '')} {d.get('text', '')}" for d in docs]
+        for row in rows:
+            texts.append(_prompt_text(env.start(row)[1]))
+            texts.append(" ".join(str(a) for a in row["golden_answers"]))
+    for rep in replays:
+        texts.append(_prompt_text(rep.prompt))
+        for st in rep.steps:
+            texts.extend([st.text, st.observation])
     if hasattr(env, "render_observation"):
         texts.append(env.render_observation([], failed=True))
         texts.append(env.render_observation([]))
+    if callable(getattr(env, "tokenizer_texts", None)):
+        texts.extend(str(t) for t in env.tokenizer_texts())
     from treegrpo.envs.search_r1 import INVALID_ACTION_OBS
 
     texts.append(INVALID_ACTION_OBS)
     return texts
 
 
-def build_tiny_from_task(
-    cfg: Config, task: Any, retriever: Any, log: Callable[[str], None], on_sft_step: Any = None
+def demonstrations_for(cfg: Config, task: Any, env: Any, log: Callable[[str], None]) -> list[Any] | None:
+    """The warm start's demonstrations, or None after one line saying why there are none."""
+    ws = cfg.warmstart
+    if not ws.enabled:
+        return None
+    if ws.num_demos == 0 or ws.epochs == 0:
+        log("warm start: skipped (warmstart.num_demos or warmstart.epochs is 0)")
+        return None
+    if ws.demos_path:
+        from treegrpo.demos import load_demonstrations
+
+        return load_demonstrations(ws.demos_path, env, limit=ws.num_demos)
+    if task is not None:
+        from treegrpo.demos import with_steps
+
+        return with_steps(
+            task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed), env
+        )
+    log(
+        "warm start: skipped: your own data has no demonstrations; set warmstart.demos_path to a jsonl "
+        "of demonstrations (see README, Demonstrations), or warmstart.enabled=false to silence this"
+    )
+    return None
+
+
+def _warm_start(
+    cfg: Config, model: Any, tok: Any, env: Any, demos: list[Any], log: Any, on_sft_step: Any, what: str
+) -> dict[str, Any]:
+    from treegrpo.sft import warm_start
+
+    ws = cfg.warmstart
+    log(f"warm start: SFT of {what} on {len(demos)} demonstrations ({ws.epochs} epochs)")
+    try:
+        stats = warm_start(
+            model,
+            tok,
+            env,
+            demos,
+            epochs=ws.epochs,
+            lr=ws.lr,
+            batch_size=ws.batch_size,
+            seed=cfg.seed,
+            on_step=on_sft_step,
+        )
+    except ValueError as e:
+        raise UserError(f"warmstart: {e}") from None
+    return {"sft": stats.to_dict(), "seconds": stats.seconds}
+
+
+def build_tiny(
+    cfg: Config,
+    task: Any,
+    rows: list[dict[str, Any]],
+    retriever: Any,
+    log: Callable[[str], None],
+    on_sft_step: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Tokenizer trained on the task + tiny model, warm-started by SFT; cached on disk."""
+    """Tokenizer trained on the task or your own data + tiny model, warm-started by SFT; cached on disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from treegrpo.models import tiny_causal_lm
-    from treegrpo.sft import warm_start
+    from treegrpo.sft import replay
     from treegrpo.tokenizer import train_tokenizer
 
     cache = Path(cfg.cache_dir) / "warmstart" / _cache_key(cfg)
@@ -166,7 +362,14 @@ def build_tiny_from_task(
         return model, tok, info
     t0 = time.perf_counter()
     text_env = build_env(cfg, retriever, None)
-    tok = train_tokenizer(_tokenizer_texts(task, text_env), kind=cfg.model.tokenizer)
+    # a demos file's steps and real observations are texts the tokenizer must cover (a task's are in its texts)
+    text_demos = (
+        demonstrations_for(cfg, task, text_env, log=lambda _: None) if cfg.warmstart.demos_path else None
+    )
+    replays = replay(text_env, text_demos) if text_demos else []
+    texts = _tokenizer_texts(task, text_env, rows, replays, retriever)
+    extra = list(text_env.tokenizer_tokens()) if callable(getattr(text_env, "tokenizer_tokens", None)) else []
+    tok = train_tokenizer(texts, kind=cfg.model.tokenizer, extra_tokens=extra)
     env = build_env(cfg, retriever, tok)
     model = tiny_causal_lm(
         tok,
@@ -178,22 +381,9 @@ def build_tiny_from_task(
         attn_implementation=cfg.model.attn_implementation,
     )
     info: dict[str, Any] = {"cached": False, "params": sum(p.numel() for p in model.parameters())}
-    ws = cfg.warmstart
-    if ws.enabled and ws.num_demos > 0 and ws.epochs > 0:
-        demos = task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed)
-        log(f"warm start: SFT on {len(demos)} demonstrations ({ws.epochs} epochs)")
-        stats = warm_start(
-            model,
-            tok,
-            env,
-            demos,
-            epochs=ws.epochs,
-            lr=ws.lr,
-            batch_size=ws.batch_size,
-            seed=cfg.seed,
-            on_step=on_sft_step,
-        )
-        info["sft"] = stats.to_dict()
+    demos = demonstrations_for(cfg, task, env, log)
+    if demos:
+        info.update(_warm_start(cfg, model, tok, env, demos, log, on_sft_step, "the tiny model"))
     info["seconds"] = time.perf_counter() - t0
     tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -257,33 +447,16 @@ def build_run(
         if device is not None:
             model.to(device)
         info: dict[str, Any] = {}
-        ws = cfg.warmstart
-        if ws.enabled and ws.num_demos > 0 and ws.epochs > 0 and task is not None:
+        # SFT of the pretrained model (its LoRA adapter, when enabled) on demonstrations, so it learns
+        # the environment's protocol before RL. Not cached: it is cheap next to RL.
+        env = build_env(cfg, retriever, tok)
+        demos = demonstrations_for(cfg, task, env, log)
+        if demos:
             upcast_trainable(model)  # the warm start trains: fp32 master weights, compute in model.dtype
-            # SFT of the pretrained model (its LoRA adapter, when enabled) on the task's oracle
-            # demonstrations, so it learns the tag protocol before RL. Not cached: it is cheap next to RL.
-            from treegrpo.sft import warm_start
-
-            demos = task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed)
-            log(f"warm start: SFT of {cfg.model.path} on {len(demos)} demonstrations ({ws.epochs} epochs)")
             with autocast(model_device(model), compute_dtype(cfg.model.dtype)):
-                stats = warm_start(
-                    model,
-                    tok,
-                    build_env(cfg, retriever, tok),
-                    demos,
-                    epochs=ws.epochs,
-                    lr=ws.lr,
-                    batch_size=ws.batch_size,
-                    seed=cfg.seed,
-                    on_step=on_sft_step,
-                )
-            info = {"cached": False, "sft": stats.to_dict(), "seconds": stats.seconds}
+                sft = _warm_start(cfg, model, tok, env, demos, log, on_sft_step, cfg.model.path)
+            info = {"cached": False, **sft}
     else:
-        if task is None:
-            raise UserError(
-                "model.path: required when training on your own data (the tiny model needs a built-in task)"
-            )
-        model, tok, info = build_tiny_from_task(cfg, task, retriever, log, on_sft_step)
+        model, tok, info = build_tiny(cfg, task, train_rows + eval_rows, retriever, log, on_sft_step)
     env = build_env(cfg, retriever, tok)
     return RunParts(model, tok, env, train_rows, eval_rows, task, info)

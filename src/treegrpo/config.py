@@ -176,6 +176,7 @@ class WarmStartConfig:
     lr: float = field(default=3e-3, metadata={"min": 0.0})
     batch_size: int = field(default=16, metadata={"min": 1, "max": 4096})
     early_stop_prob: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    demos_path: str = ""  # jsonl demonstrations for any environment; empty = the built-in task's
 
 
 @dataclass

@@ -67,8 +67,15 @@ class Policy(Protocol):
         """Tokenize an observation once, on its own (never re-tokenize sampled text)."""
         ...
 
-    def generate(self, contexts: Sequence[Sequence[int]]) -> list[StepSample]:
-        """Continue each context by one agent step, stopping at an action end tag."""
+    def generate(
+        self, contexts: Sequence[Sequence[int]], stop: Sequence[str] | None = None
+    ) -> list[StepSample]:
+        """Continue each context by one agent step, stopping at an action end tag.
+
+        `stop`: the environment's action end tags for this call (None: the policy's own). The sampler
+        passes it only when the environment declares `stop_strings`, so a policy that never meets such
+        an environment may leave the parameter out.
+        """
         ...
 
 
@@ -86,7 +93,16 @@ class StepResult:
 
 @runtime_checkable
 class Environment(Protocol):
-    """A multi-turn tool environment. Episode states must be values: `step` never mutates its input."""
+    """A multi-turn tool environment. Episode states must be values: `step` never mutates its input.
+
+    These three methods are the whole contract. Optional attributes, each with a default:
+
+    - ``stop_strings``: a sequence of strings that end an agent step (default: the policy's own,
+      Search-R1's ``</search>``, ``</answer>``); a step stops at the first of them, keeping the whole
+      token the string ends in. ``()`` means "only the end-of-turn token ends a step".
+    - ``tokenizer_texts()``: extra texts (observations, tags) a tokenizer trained for this environment
+      must cover; ``tokenizer_tokens()``: strings it keeps whole, one token each (e.g. tags).
+    """
 
     def start(self, row: Mapping[str, Any]) -> tuple[Any, Prompt]:
         """Begin an episode from one dataset row: (initial state, prompt)."""
@@ -99,3 +115,15 @@ class Environment(Protocol):
     def reward(self, state: Any) -> float:
         """Outcome reward of a finished trajectory."""
         ...
+
+
+def env_stop_strings(env: Any) -> tuple[str, ...] | None:
+    """The environment's declared `stop_strings` (None when it declares none); bad values raise ValueError."""
+    stops = getattr(env, "stop_strings", None)
+    if stops is None:
+        return None
+    if isinstance(stops, str) or not isinstance(stops, Sequence):
+        raise ValueError(f"env.stop_strings must be a sequence of strings, got {type(stops).__name__}")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"env.stop_strings must be non-empty strings, got {list(stops)!r}")
+    return tuple(stops)

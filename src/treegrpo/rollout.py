@@ -26,7 +26,7 @@ import numpy as np
 from treegrpo.budget import SAMPLER_KEYS, batch_budget, forest_budget
 from treegrpo.errors import UserError
 from treegrpo.expansion import get_strategy
-from treegrpo.protocols import Environment, Policy
+from treegrpo.protocols import Environment, Policy, env_stop_strings
 from treegrpo.tree import ActionKind, Forest, Tree
 
 
@@ -117,6 +117,7 @@ def _run_waves(
 ) -> int:
     """Advance all branches to a leaf, one batched step per wave. Returns the number of waves."""
     limit = cfg.max_context_tokens
+    stop = env_stop_strings(env)
     active = branches
     waves = 0
     while active:
@@ -126,7 +127,8 @@ def _run_waves(
                 node.is_leaf, node.action = True, ActionKind.TRUNCATED
                 node.reward = float(env.reward(b.state))
             break
-        samples = policy.generate([b.context for b in active])
+        contexts = [b.context for b in active]
+        samples = policy.generate(contexts) if stop is None else policy.generate(contexts, stop=stop)
         waves += 1
         if len(samples) != len(active):
             raise ValueError(f"policy.generate returned {len(samples)} steps for {len(active)} contexts")

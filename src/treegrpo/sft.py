@@ -94,6 +94,60 @@ def default_encoders(tokenizer: Any) -> tuple[Callable[[Prompt], list[int]], Cal
     return encode_prompt, encode_text
 
 
+@dataclass
+class ReplayedStep:
+    """One demonstration step as the environment answered it."""
+
+    text: str
+    observation: str
+    done: bool
+
+
+@dataclass
+class Replay:
+    """A demonstration replayed through an environment: its prompt, accepted steps and reward."""
+
+    row: Mapping[str, Any]
+    prompt: Prompt
+    steps: list[ReplayedStep] = field(default_factory=list)
+    reward: float | None = None
+
+
+def replay(env: Environment, demonstrations: Sequence[Any]) -> list[Replay]:
+    """Step each demonstration through `env` (batched across demos); observations are the env's own.
+
+    A demo that the environment ends early (e.g. out of turns) keeps only the steps it accepted.
+    """
+    if not demonstrations:
+        raise ValueError("no demonstrations to replay")
+    parsed = [_steps_of(d) for d in demonstrations]
+    states: list[Any] = []
+    out: list[Replay] = []
+    for row, _steps in parsed:
+        try:
+            state, prompt = env.start(row)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"demonstration {row.get('group_id', row.get('index', '?'))}: {e}") from None
+        states.append(state)
+        out.append(Replay(row, prompt))
+    active = list(range(len(parsed)))
+    k = 0
+    while active:
+        acts = [parsed[i][1][k] for i in active]
+        results = env.step([states[i] for i in active], acts)
+        still = []
+        for i, text, res in zip(active, acts, results, strict=True):
+            out[i].steps.append(ReplayedStep(text, res.observation or "", bool(res.done)))
+            states[i] = res.state
+            if res.done:
+                out[i].reward = float(env.reward(res.state))
+            elif k + 1 < len(parsed[i][1]):
+                still.append(i)
+        active = still
+        k += 1
+    return out
+
+
 def build_sft_examples(
     tokenizer: Any,
     env: Environment,
@@ -102,11 +156,10 @@ def build_sft_examples(
     encode_observation: Callable[[str], list[int]] | None = None,
     encode_step: Callable[[str], list[int]] | None = None,
 ) -> list[SFTExample]:
-    """Replay each demonstration through `env` (batched across demos) and lay out its ids.
+    """Replay each demonstration through `env` and lay out its ids exactly as RL would see them.
 
     Pass the policy's own `encode_prompt` / `encode_observation` to guarantee the ids match RL time;
-    the defaults use the tokenizer's chat template and plain encoding. A demo that the environment
-    ends early (e.g. out of turns) keeps only the steps the environment accepted.
+    the defaults use the tokenizer's chat template and plain encoding.
     """
     if not demonstrations:
         raise ValueError("no demonstrations to build SFT examples from")
@@ -114,41 +167,20 @@ def build_sft_examples(
     encode_prompt = encode_prompt or enc_prompt
     encode_observation = encode_observation or enc_text
     encode_step = encode_step or enc_text
-    parsed = [_steps_of(d) for d in demonstrations]
-    states: list[Any] = []
     examples: list[SFTExample] = []
-    for row, _steps in parsed:
-        try:
-            state, prompt = env.start(row)
-        except ValueError as e:
-            raise ValueError(f"demonstration {row.get('group_id', row.get('index', '?'))}: {e}") from None
-        ids = encode_prompt(prompt)
-        states.append(state)
-        gid = str(row.get("group_id", row.get("index", len(examples))))
-        examples.append(SFTExample(list(ids), [0] * len(ids), len(ids), gid, 0))
-    active = list(range(len(parsed)))
-    k = 0
-    while active:
-        acts = [parsed[i][1][k] for i in active]
-        results = env.step([states[i] for i in active], acts)
-        still = []
-        for i, text, res in zip(active, acts, results, strict=True):
-            ex = examples[i]
-            step_ids = encode_step(text)
+    for n, rep in enumerate(replay(env, demonstrations)):
+        ids = list(encode_prompt(rep.prompt))
+        gid = str(rep.row.get("group_id", rep.row.get("index", n)))
+        ex = SFTExample(ids, [0] * len(ids), len(ids), gid, len(rep.steps), rep.reward)
+        for st in rep.steps:
+            step_ids = encode_step(st.text)
             ex.input_ids += step_ids
             ex.loss_mask += [1] * len(step_ids)
-            if res.observation:
-                obs_ids = encode_observation(res.observation)
+            if st.observation:
+                obs_ids = encode_observation(st.observation)
                 ex.input_ids += obs_ids
                 ex.loss_mask += [0] * len(obs_ids)
-            ex.n_steps += 1
-            states[i] = res.state
-            if res.done:
-                ex.reward = float(env.reward(res.state))
-            elif k + 1 < len(parsed[i][1]):
-                still.append(i)
-        active = still
-        k += 1
+        examples.append(ex)
     return examples
 
 
@@ -302,10 +334,13 @@ def warm_start(
 
 
 __all__ = [
+    "Replay",
+    "ReplayedStep",
     "SFTExample",
     "SFTStats",
     "build_sft_examples",
     "default_encoders",
+    "replay",
     "sft_loss",
     "sft_train",
     "warm_start",

@@ -36,6 +36,59 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+_HERMES_HEADER = (
+    "You may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n"
+)
+_HERMES_FOOTER = (
+    "\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+
+
+def tools_chat_template(header: str = _HERMES_HEADER, footer: str = _HERMES_FOOTER) -> str:
+    """The tool-aware ChatML template with the given instruction text around the ``<tools>`` block."""
+    return (
+        "{% set ns = namespace(skip=false) %}"
+        "{% if tools %}<|im_start|>system\n"
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{{ messages[0]['content'] }}{{ '\n\n' }}{% set ns.skip = true %}{% endif %}"
+        + header
+        + "<tools>{% for t in tools %}{{ '\n' }}{{ t | tojson }}{% endfor %}{{ '\n' }}</tools>"
+        + footer
+        + "<|im_end|>\n"
+        "{% endif %}"
+        "{% for m in messages %}"
+        "{% if loop.first and ns.skip %}"
+        "{% elif m['role'] == 'tool' %}"
+        "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+        "{{ '\n' }}<tool_response>{{ '\n' }}{{ m['content'] }}{{ '\n' }}</tool_response>"
+        "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>{{ '\n' }}{% endif %}"
+        "{% else %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% if m['tool_calls'] is defined and m['tool_calls'] %}{% for c in m['tool_calls'] %}"
+        "{% set f = c['function'] if c['function'] is defined else c %}"
+        "{% if not loop.first or m['content'] %}{{ '\n' }}{% endif %}"
+        "<tool_call>{{ '\n' }}{{ {'name': f['name'], 'arguments': f['arguments']} | tojson }}{{ '\n' }}</tool_call>"
+        "{% endfor %}{% endif %}"
+        "<|im_end|>\n"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+# The same ChatML, tool-aware in the Hermes / Qwen2.5 style: `tools=` are listed in a system block as
+# JSON schemas, calls are `<tool_call>{"name", "arguments"}</tool_call>`, and consecutive tool
+# results form one user turn of `<tool_response>` blocks. Without tools and tool messages it renders
+# exactly like CHAT_TEMPLATE. Prefix-preserving: no earlier turn is ever re-rendered differently.
+# (Transformers compiles templates with trim_blocks, so newlines after a block tag are written {{ '\n' }}.)
+TOOLS_CHAT_TEMPLATE = tools_chat_template()
+# The tiny model's: the same layout with a one-word header (it reads the prompt on every step and learns
+# the call format from demonstrations, not from instructions).
+TINY_TOOLS_CHAT_TEMPLATE = tools_chat_template(header="Tools:\n", footer="")
+
 # Word-level pieces: a word or number with at most one leading space, one punctuation char, or one
 # whitespace char. Concatenating the pieces gives back the text exactly, so decoding is a plain join.
 _WORD_PATTERN = r" ?[\p{L}\p{N}_]+|[^\s\p{L}\p{N}_]|\s"
@@ -101,6 +154,6 @@ def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
         additional_special_tokens=[EOS, IM_START],
         clean_up_tokenization_spaces=False,
     )
-    hf.chat_template = CHAT_TEMPLATE
+    hf.chat_template = TINY_TOOLS_CHAT_TEMPLATE
     hf.padding_side = "left"
     return hf

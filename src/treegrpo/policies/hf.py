@@ -229,8 +229,7 @@ class HFPolicy:
         self._cache_kw = (
             "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         )
-        self._window = max([16, *(len(s) + 2 for s in self.stop_strings)])
-        self._stop_ids: np.ndarray | None = None
+        self._stop_ids: dict[tuple[str, ...], np.ndarray] = {}
         self._n_layers = self._num_layers()
         # Decoding a small model is a long chain of tiny ops: on CPU, intra-op threads only add sync waits
         # (badly so when other processes hold the cores), so by default such models generate on one thread.
@@ -262,9 +261,15 @@ class HFPolicy:
     def encode_observation(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
-    def generate(self, contexts: Sequence[Sequence[int]]) -> list[StepSample]:
-        """Continue every context by one step; stops at a stop string, EOS, max_new_tokens or max_context."""
+    def generate(
+        self, contexts: Sequence[Sequence[int]], stop: Sequence[str] | None = None
+    ) -> list[StepSample]:
+        """Continue every context by one step; stops at a stop string, EOS, max_new_tokens or max_context.
+
+        `stop` (an environment's `stop_strings`) replaces the policy's own stop strings for this call.
+        """
         self._check_weights()
+        stops = self.stop_strings if stop is None else tuple(str(s) for s in stop if s)
         out, work = triage_contexts(contexts, self.max_context, self._vocab_size())
         bs = self.batch_size or max(len(work), 1)
         was_training = self.model.training
@@ -277,7 +282,7 @@ class HFPolicy:
                 for s in range(0, len(work), bs):
                     idx = work[s : s + bs]
                     for i, sample in zip(
-                        idx, self._generate_batch([list(contexts[i]) for i in idx]), strict=True
+                        idx, self._generate_batch([list(contexts[i]) for i in idx], stops), strict=True
                     ):
                         out[i] = sample
         finally:
@@ -340,7 +345,7 @@ class HFPolicy:
         n = len(DynamicCache(config=self.model.config).layers)
         return n or int(self.model.config.get_text_config(decoder=True).num_hidden_layers)
 
-    def _generate_batch(self, ctxs: list[list[int]]) -> list[StepSample]:
+    def _generate_batch(self, ctxs: list[list[int]], stops: tuple[str, ...]) -> list[StepSample]:
         dev = self.device
         r = len(ctxs)
         arrs = [np.asarray(c, dtype=np.int64) for c in ctxs]
@@ -390,7 +395,8 @@ class HFPolicy:
         done = [False] * r
         pending: list[tuple[int, int]] = []  # (batch row, slab row) finished, KV not yet stored
         n_active = r
-        stop_ids = self._stop_candidates(logits.shape[-1]) if self.stop_strings else None
+        stop_ids = self._stop_candidates(logits.shape[-1], stops) if stops else None
+        window = max([16, *(len(x) + 2 for x in stops)])
         while True:
             tok, lp, ent = self._sample(logits)
             tok_l, lp_l, ent_l = tok.tolist(), lp.tolist(), ent.tolist()
@@ -406,7 +412,7 @@ class HFPolicy:
                 if (
                     t in self.eos_ids
                     or len(g) >= budget[i]
-                    or (stop_ids is not None and stop_ids[t] and self._hit_stop(g))
+                    or (stop_ids is not None and stop_ids[t] and self._hit_stop(g, stops, window))
                 ):
                     done[i] = True
                     finished.append(j)
@@ -537,27 +543,27 @@ class HFPolicy:
             tok = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
         return tok, logp.gather(-1, tok[:, None])[:, 0], ent
 
-    def _hit_stop(self, gen: list[int]) -> bool:
+    def _hit_stop(self, gen: list[int], stops: tuple[str, ...], window: int) -> bool:
         """Did the newest token complete a stop string? (Decodes only a tail window of the new ids.)"""
-        if not self.stop_strings:
-            return False
-        tail = self.tokenizer.decode(gen[-self._window :], skip_special_tokens=False)
-        return any(s in tail for s in self.stop_strings)
+        tail = self.tokenizer.decode(gen[-window:], skip_special_tokens=False)
+        return any(s in tail for s in stops)
 
-    def _stop_candidates(self, vocab: int) -> np.ndarray:
+    def _stop_candidates(self, vocab: int, stops: tuple[str, ...]) -> np.ndarray:
         """Token ids whose text can end a stop string (only those need the decoded tail checked).
 
         A stop string completed by the newest token ends inside that token's text, so the token's own decoding
-        holds the stop string's last character (or an undecodable fragment, kept to be safe).
+        holds the stop string's last character (or an undecodable fragment, kept to be safe). Cached per set
+        of stop strings (one per environment in practice).
         """
-        if self._stop_ids is None or len(self._stop_ids) != vocab:
+        cand = self._stop_ids.get(stops)
+        if cand is None or len(cand) != vocab:
             n = min(vocab, len(self.tokenizer))
             texts = self.tokenizer.batch_decode([[t] for t in range(n)], skip_special_tokens=False)
-            ends = {s[-1] for s in self.stop_strings if s} | {"\ufffd"}
+            ends = {s[-1] for s in stops if s} | {"\ufffd"}
             cand = np.ones(vocab, dtype=bool)
             cand[:n] = [any(c in txt for c in ends) for txt in texts]
-            self._stop_ids = cand
-        return self._stop_ids
+            self._stop_ids[stops] = cand
+        return cand
 
 
 def load_hf_policy(path: str | Path, **kwargs: Any) -> HFPolicy:

@@ -21,7 +21,6 @@ entropy, enough to rank steps for `rollout.strategy: entropy`. With k = 0 (defau
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -192,14 +191,20 @@ class OpenAIPolicy:
     def encode_observation(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
-    def generate(self, contexts: Sequence[Sequence[int]]) -> list[StepSample]:
-        """One completion request per context (sent concurrently); stops at a stop tag, EOS or the budget."""
+    def generate(
+        self, contexts: Sequence[Sequence[int]], stop: Sequence[str] | None = None
+    ) -> list[StepSample]:
+        """One completion request per context (sent concurrently); stops at a stop tag, EOS or the budget.
+
+        `stop` (an environment's `stop_strings`) replaces the policy's own stop strings for this call.
+        """
+        stops = self.stop_strings if stop is None else tuple(str(s) for s in stop if s)
         out, work = triage_contexts(contexts, self.max_context, self.vocab_size)
         seeds = self.generator.request_seeds(len(contexts))
         if work:
-            jobs = [([int(t) for t in contexts[i]], seeds[i]) for i in work]
+            jobs = [([int(t) for t in contexts[i]], seeds[i], stops) for i in work]
             if len(jobs) == 1 or self.concurrency == 1:
-                results = [self._complete(c, s) for c, s in jobs]
+                results = [self._complete(*job) for job in jobs]
             else:
                 with ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs))) as pool:
                     results = list(pool.map(lambda job: self._complete(*job), jobs))
@@ -262,7 +267,7 @@ class OpenAIPolicy:
             )
         return self.model_name
 
-    def _body(self, ctx: list[int], seed: int) -> dict[str, Any]:
+    def _body(self, ctx: list[int], seed: int, stops: tuple[str, ...]) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model_name,
             "prompt": ctx,
@@ -271,7 +276,7 @@ class OpenAIPolicy:
             "top_p": 1.0 if self.greedy else self.top_p,
             "n": 1,
             "logprobs": max(1, self.entropy_topk),
-            "stop": list(self.stop_strings),
+            "stop": list(stops),
             # vLLM extensions: ids instead of token strings, keep the stop tag, no detokenizer cleanup.
             "return_tokens_as_token_ids": True,
             "include_stop_str_in_output": True,
@@ -291,14 +296,12 @@ class OpenAIPolicy:
     ) -> StepSample:
         """One context's step (no triage), for the router (`routing.py`): extra headers, and stop strings
         replacing the policy's own for this request (None: the policy's)."""
-        client = self
-        if stops is not None and tuple(stops) != self.stop_strings:
-            client = copy.copy(self)  # shares the stats, the warnings and the tokenizer
-            client.stop_strings = tuple(stops)
-        return client._complete(ctx, seed, headers)
+        return self._complete(ctx, seed, self.stop_strings if stops is None else tuple(stops), headers)
 
-    def _complete(self, ctx: list[int], seed: int, headers: Mapping[str, str] | None = None) -> StepSample:
-        reply = self._request("/completions", self._body(ctx, seed), headers)
+    def _complete(
+        self, ctx: list[int], seed: int, stops: tuple[str, ...], headers: Mapping[str, str] | None = None
+    ) -> StepSample:
+        reply = self._request("/completions", self._body(ctx, seed, stops), headers)
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise PolicyServerError(f"generation server {self.base_url}: reply has no choices")
@@ -337,7 +340,7 @@ class OpenAIPolicy:
         if (
             choice.get("finish_reason") == "stop"
             and isinstance(choice.get("stop_reason"), str)
-            and not any(s in text for s in self.stop_strings)
+            and not any(s in text for s in stops)
         ):
             self._warn_once(
                 "trim",

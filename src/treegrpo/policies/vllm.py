@@ -285,13 +285,13 @@ class VLLMPolicy:
     def encode_observation(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
-    def _params(self, seed: int, budget: int) -> Any:
+    def _params(self, seed: int, budget: int, stops: tuple[str, ...]) -> Any:
         kw: dict[str, Any] = {
             "n": 1,
             "max_tokens": budget,
             "temperature": 0.0 if self.greedy else self.temperature,
             "top_p": 1.0 if self.greedy else self.top_p,
-            "stop": list(self.stop_strings),
+            "stop": list(stops),
             "include_stop_str_in_output": True,
             "logprobs": max(1, self.entropy_topk),
             "skip_special_tokens": False,
@@ -300,9 +300,15 @@ class VLLMPolicy:
             kw["seed"] = seed
         return self.vllm.SamplingParams(**kw)
 
-    def generate(self, contexts: Sequence[Sequence[int]]) -> list[StepSample]:
-        """Continue every context by one agent step in one engine call."""
+    def generate(
+        self, contexts: Sequence[Sequence[int]], stop: Sequence[str] | None = None
+    ) -> list[StepSample]:
+        """Continue every context by one agent step in one engine call.
+
+        `stop` (an environment's `stop_strings`) replaces the policy's own stop strings for this call.
+        """
         self._maybe_sync()
+        stops = self.stop_strings if stop is None else tuple(str(s) for s in stop if s)
         from vllm.inputs import TokensPrompt
 
         out, work = triage_contexts(contexts, self.max_context)
@@ -310,7 +316,7 @@ class VLLMPolicy:
         if work:
             prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in contexts[i]]) for i in work]
             params = [
-                self._params(seeds[i], min(self.max_new_tokens, self.max_context - len(contexts[i])))
+                self._params(seeds[i], min(self.max_new_tokens, self.max_context - len(contexts[i])), stops)
                 for i in work
             ]
             results = self.engine.llm.generate(prompts, params, use_tqdm=False)

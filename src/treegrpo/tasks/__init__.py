@@ -114,9 +114,36 @@ def _build_factbook(
     return Task("factbook", fb.corpus(), train, evals, source=fb, info=info)
 
 
+class ArithToolsTask(Task):
+    """`arith-tools`: demonstrations are chat messages with tool calls (rendered by the tools env)."""
+
+    def demonstrations(  # type: ignore[override]
+        self,
+        rows: Sequence[Mapping[str, Any]] | None = None,
+        n: int | None = None,
+        early_stop_prob: float = 0.0,
+        seed: int = 0,
+    ) -> list[dict[str, Any]]:
+        from treegrpo.tasks.arith_tools import demonstrations
+
+        rows = list(self.train_rows if rows is None else rows)
+        return demonstrations(rows[:n] if n is not None else rows, early_stop_prob, seed)
+
+
+def _build_arith_tools(
+    seed: int = 0, n_train: int = 1000, n_eval: int = 200, max_factor: int = 9, max_addend: int = 20
+) -> Task:
+    from treegrpo.tasks.arith_tools import make_rows, number_corpus
+
+    train, evals = make_rows(seed, n_train, n_eval, max_factor, max_addend)
+    info = {"n_train": len(train), "n_eval": len(evals), "protocol": "tools (calculator)"}
+    return ArithToolsTask("arith-tools", number_corpus(), train, evals, info=info)
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "synthetic-kb": _build_synthetic_kb,
     "factbook": _build_factbook,
+    "arith-tools": _build_arith_tools,
 }
 
 

@@ -1,0 +1,1 @@
+"""Built-in tools for tool-calling environments: plain, typed, documented Python functions."""
