@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("budget", "packing", "vs_trl", "learning")
+ORDER = ("budget", "packing", "credit", "vs_trl", "learning")
 # Smaller settings for --quick (the scripts' own flags; vs_trl and learning take --quick themselves).
 QUICK_ARGS: dict[str, list[str]] = {
     "budget": ["--prompts", "8"],
@@ -38,6 +38,7 @@ QUICK_ARGS: dict[str, list[str]] = {
         "--layers",
         "2",
     ],
+    "credit": ["--quick"],
     "vs_trl": ["--quick"],
     "learning": ["--quick"],
 }
