@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("budget", "packing", "memory", "vs_trl", "learning")
+ORDER = ("budget", "packing", "memory", "credit", "vs_trl", "learning")
 # Smaller settings for --quick (the scripts' own flags; vs_trl and learning take --quick themselves).
 QUICK_ARGS: dict[str, list[str]] = {
     "budget": ["--prompts", "8"],
     "packing": ["--quick"],
     "memory": ["--quick"],
+    "credit": ["--quick"],
     "vs_trl": ["--quick"],
     "learning": ["--quick"],
 }

@@ -240,6 +240,11 @@ def test_mc_values_rejects_k_below_two() -> None:
     forests, policy, env = _forests((0.5,), (1.0,), RolloutConfig(strategy="chain"), n=1)
     with pytest.raises(ValueError, match="k must be >= 2"):
         mc_values(forests, policy, env, k=1)
+    from treegrpo.tree import Tree, group_forests
+
+    reread = group_forests([Tree.from_dict(t.to_dict()) for f in forests for t in f.trees])
+    with pytest.raises(ValueError, match="no environment state"):
+        mc_values(reread, policy, env, k=2)
 
 
 def test_report_section_reads_credit_json(tmp_path: Path) -> None:

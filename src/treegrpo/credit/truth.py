@@ -76,6 +76,11 @@ def mc_values(
                 if node.is_leaf:
                     out[key] = Value(float(node.reward or 0.0), 0.0, 0)
                     continue
+                if node.state is None:
+                    raise ValueError(
+                        f"tree {tree.group_id}/{tree.tree_index} node {node.id} has no environment state "
+                        "(trees read back from JSON carry none): sample fresh forests to measure credit"
+                    )
                 ctx = tuple(tree.context_ids(node.id))
                 have = len(cache.rewards.get(ctx, []))
                 if ctx in wanted:
