@@ -161,7 +161,7 @@ def run_shape(
     kw: dict[str, Any] = dict(loss_agg_mode=cfg.loss_agg_mode, logits_chunk=a.logits_chunk)
     batches = {
         "leaf": pack(trees, adv, "leaf", **kw),
-        "tree": pack(trees, adv, "tree", **kw),
+        "tree": pack(trees, adv, "tree", max_tokens_per_row=0, **kw),
         "tree_rows": pack(trees, adv, "tree", max_tokens_per_row=budget, **kw),
         "path": pack(trees, adv, "path", **kw),
     }
