@@ -224,3 +224,17 @@ def test_auto_row_tokens_packs_to_the_largest_tree(tok):
     assert auto.num_forward_tokens == one.num_forward_tokens
     with pytest.raises(ValueError, match="max_tokens_per_row"):
         pack(trees, adv, "tree", max_tokens_per_row=-2)
+
+
+def test_models_without_a_known_decoder_fall_back_to_their_own_forward(tok, monkeypatch):
+    import treegrpo.packing as packing_mod
+
+    model = tiny_causal_lm(tok, arch="llama", hidden=32)
+    ref = tiny_causal_lm(tok, arch="llama", hidden=32, seed=1)
+    trees, adv = trees_and_adv(len(tok), seed=60)
+    split = run(model, ref, trees, adv, "tree")
+    monkeypatch.setattr(packing_mod, "split_causal_lm", lambda m: None)
+    assert_same(run(model, ref, trees, adv, "tree"), split)
+    with pytest.raises(ValueError, match="path"):
+        monkeypatch.setattr("treegrpo.path_mode.split_causal_lm", lambda m: None)
+        packed_loss(model, pack(trees, adv, "path"), CFG)
