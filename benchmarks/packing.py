@@ -127,13 +127,13 @@ def compare(
             peaks[m], results[m] = peaks_from[m], step(m)
     loss_l, grad_l = results["leaf"]
     scale = max(g.abs().max().item() for g in grad_l)
-    wall_l = statistics.median(times["leaf"])
+    wall_l = statistics.median(times["leaf"]) if repeats else 1.0  # repeats = 0: peaks only
     out: dict[str, Any] = {}
     for m in modes:
         loss_m, grad_m = results[m]
         diff = max((a - b).abs().max().item() for a, b in zip(grad_m, grad_l, strict=True))
         b = batches[m]
-        wall = statistics.median(times[m])
+        wall = statistics.median(times[m]) if repeats else 0.0
         out[m] = {
             "rows": int(b.input_ids.shape[0]),
             "row_length": int(b.input_ids.shape[1]),
@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)  # the memory subprocess
     a = ap.parse_args()
     a.peaks, logits_mem = {}, None
-    if not torch.cuda.is_available() and not a.peaks_only:
+    if not torch.cuda.is_available() and not a.peaks_only and not a.quick:  # --quick: in-process (rougher)
         sub = cpu_peaks_in_subprocess()
         a.peaks, logits_mem = sub["shapes"], sub.get("logits_memory")
     if a.peaks_only:
@@ -288,7 +288,11 @@ def main() -> None:
         out["shapes"]["quickstart"] = run_shape("quickstart", trees, model, None, cfg, True, a, device)
     out["device"] = str(device)
     out["threads"] = torch.get_num_threads()
-    out["memory_method"] = peak_memory.method(device)
+    out["memory_method"] = peak_memory.method(device) + (
+        "; --quick: in this process with glibc's default allocator (rougher)"
+        if a.quick and device.type == "cpu"
+        else ""
+    )
     out["attn_implementation"] = a.attn
     if a.peaks_only:
         peaks = {s: {m: v["peak_mb"] for m, v in r["modes"].items()} for s, r in out["shapes"].items()}
