@@ -14,13 +14,15 @@ For each mode (`leaf`, `tree` = one row per tree, `tree_rows` = both trees in on
 tokens of the batch; trained tokens counted per leaf), over two sweeps: leaves 2 → 16 at a fixed path
 length (`path` should stay flat), and step length doubling at 8 leaves until the cap or `--max-step`.
 `largest_under_cap` gives, per mode, the largest batch (unique tokens) that ran under `--cap-mb`.
-Peak memory: see `peak_memory.py` (CPU: resident high-water mark delta; GPU: max allocated).
+Peak memory: see `peak_memory.py` (CPU: resident high-water mark delta, the script re-runs itself with
+`MALLOC_MMAP_THRESHOLD_=65536`, which also adds page-fault time to `seconds`; GPU: max allocated).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -105,6 +107,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
+    if not torch.cuda.is_available() and not peak_memory.allocator_ready():
+        # CPU figures need every tensor to be its own mapping (see peak_memory.py): run again with it.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **peak_memory.ALLOCATOR_ENV})
     if a.quick:
         a.prompt, a.step, a.max_step, a.leaves, a.cap_mb = 20, 10, 20, [2, 4], 16.0
     if a.threads:

@@ -17,15 +17,18 @@ Modes: `leaf` (one row per root→leaf path), `tree` (one row per tree), `tree_r
 into rows of `--row-tokens`, default the largest tree) and `path` (depth-first, per-branch backward);
 FlexAttention is measured by `scripts/gpu_check.py --sweep`. The time of one forward + backward of the whole batch, median of
 `--repeats`, modes interleaved. Each shape's top-level figures are those of `tree_rows` (the recommended
-mode) over `leaf`; every mode's figures are under `modes`. Peak memory: see `peak_memory.py`.
+mode) over `leaf`; every mode's figures are under `modes`. Peak memory: see `peak_memory.py` (on CPU the
+script measures it in a second run of itself with the allocator setting; times come from this process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,6 +93,7 @@ def compare(
     on_policy: bool,
     repeats: int,
     device: torch.device,
+    peaks_from: dict[str, float] | None,
 ) -> dict[str, Any]:
     def step(mode: str) -> tuple[float, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
@@ -117,16 +121,19 @@ def compare(
             times[m].append(timed(m))
     peaks, results = {}, {}
     for m in modes:
-        peaks[m], results[m] = peak_memory.peak_mb(lambda m=m: step(m), device)
+        if peaks_from is None:  # this process measures memory (GPU, or CPU with the allocator setting)
+            peaks[m], results[m] = peak_memory.peak_mb(lambda m=m: step(m), device)
+        else:
+            peaks[m], results[m] = peaks_from[m], step(m)
     loss_l, grad_l = results["leaf"]
     scale = max(g.abs().max().item() for g in grad_l)
-    wall_l = statistics.median(times["leaf"])
+    wall_l = statistics.median(times["leaf"]) if repeats else 1.0  # repeats = 0: peaks only
     out: dict[str, Any] = {}
     for m in modes:
         loss_m, grad_m = results[m]
         diff = max((a - b).abs().max().item() for a, b in zip(grad_m, grad_l, strict=True))
         b = batches[m]
-        wall = statistics.median(times[m])
+        wall = statistics.median(times[m]) if repeats else 0.0
         out[m] = {
             "rows": int(b.input_ids.shape[0]),
             "row_length": int(b.input_ids.shape[1]),
@@ -161,7 +168,7 @@ def run_shape(
     kw: dict[str, Any] = dict(loss_agg_mode=cfg.loss_agg_mode, logits_chunk=a.logits_chunk)
     batches = {
         "leaf": pack(trees, adv, "leaf", **kw),
-        "tree": pack(trees, adv, "tree", **kw),
+        "tree": pack(trees, adv, "tree", max_tokens_per_row=0, **kw),
         "tree_rows": pack(trees, adv, "tree", max_tokens_per_row=budget, **kw),
         "path": pack(trees, adv, "path", **kw),
     }
@@ -169,7 +176,7 @@ def run_shape(
     with torch.no_grad():
         for m, b in batches.items():
             refs[m] = forward_logprobs(ref, b, compute_entropy=False)[0] if ref is not None else None
-    modes = compare(model, batches, cfg, refs, on_policy, a.repeats, device)
+    modes = compare(model, batches, cfg, refs, on_policy, a.repeats, device, a.peaks.get(name))
     head = modes[HEADLINE]
     return {
         "trees": len(trees),
@@ -210,6 +217,16 @@ def logits_memory(model: torch.nn.Module, chunk: int, device: torch.device) -> d
     }
 
 
+def cpu_peaks_in_subprocess() -> dict[str, dict[str, float]]:
+    """Peak memory per shape and mode, measured by this script in a process with the allocator setting."""
+    env = {**os.environ, **peak_memory.ALLOCATOR_ENV}
+    cmd = [sys.executable, *sys.argv, "--peaks-only"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"memory subprocess failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -231,7 +248,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)  # the memory subprocess
     a = ap.parse_args()
+    a.peaks, logits_mem = {}, None
+    if not torch.cuda.is_available() and not a.peaks_only and not a.quick:  # --quick: in-process (rougher)
+        sub = cpu_peaks_in_subprocess()
+        a.peaks, logits_mem = sub["shapes"], sub.get("logits_memory")
+    if a.peaks_only:
+        a.repeats = 0
     if a.quick:
         a.prompt, a.gen, a.obs, a.repeats = 50, 20, 10, 1
         a.quickstart_trees = a.quickstart_trees or 8
@@ -249,7 +273,7 @@ def main() -> None:
         trees = [make_tree(rng, len(tok), i, a) for i in range(a.m)]
         cfg = LossConfig()  # reference defaults: KL k3 β=0.001, entropy 0.001
         out["shapes"]["synthetic"] = run_shape("synthetic", trees, model, ref, cfg, False, a, device)
-        out["logits_memory"] = logits_memory(model, a.logits_chunk, device)
+        out["logits_memory"] = logits_mem or logits_memory(model, a.logits_chunk, device)
     if "quickstart" in a.shapes:
         trees, vocab = load_trees(DATA, a.quickstart_trees)
 
@@ -264,8 +288,16 @@ def main() -> None:
         out["shapes"]["quickstart"] = run_shape("quickstart", trees, model, None, cfg, True, a, device)
     out["device"] = str(device)
     out["threads"] = torch.get_num_threads()
-    out["memory_method"] = peak_memory.method(device)
+    out["memory_method"] = peak_memory.method(device) + (
+        "; --quick: in this process with glibc's default allocator (rougher)"
+        if a.quick and device.type == "cpu"
+        else ""
+    )
     out["attn_implementation"] = a.attn
+    if a.peaks_only:
+        peaks = {s: {m: v["peak_mb"] for m, v in r["modes"].items()} for s, r in out["shapes"].items()}
+        print(json.dumps({"shapes": peaks, "logits_memory": out.get("logits_memory")}))
+        return
     if a.json:
         print(json.dumps(out))
     else:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from test_packing import trees_and_adv
+from test_packing import random_tree, trees_and_adv
 from treegrpo.logits import split_causal_lm
 from treegrpo.loss import LossConfig
 from treegrpo.models import tiny_causal_lm
@@ -112,7 +112,7 @@ def test_first_fit_decreasing_bins_whole_items_within_budget():
 
 def test_row_packing_is_block_diagonal_with_little_padding(tok):
     trees, adv = trees_and_adv(len(tok), seed=14, n_trees=6)
-    one = pack(trees, adv, "tree")
+    one = pack(trees, adv, "tree", max_tokens_per_row=0)
     sizes = [int(one.valid[r].sum()) for r in range(one.input_ids.shape[0])]
     rowed = pack(trees, adv, "tree", max_tokens_per_row=2 * max(sizes))
     assert rowed.input_ids.shape[0] < one.input_ids.shape[0]
@@ -147,7 +147,7 @@ def test_path_mode_equals_leaf(tok, arch, seed):
     assert len(path[3].segments) > len(trees)
     assert_same(path, run(model, ref, trees, adv, "leaf"))
     with torch.no_grad():  # forward-only log-probs agree with tree packing slot for slot
-        bt, bp = pack(trees, adv, "tree"), pack(trees, adv, "path")
+        bt, bp = pack(trees, adv, "tree", max_tokens_per_row=0), pack(trees, adv, "path")
         assert torch.equal(bt.input_ids, bp.input_ids)
         assert (forward_logprobs(model, bt)[0] - forward_logprobs(model, bp)[0]).abs().max().item() < 1e-5
 
@@ -211,3 +211,30 @@ def test_chunk_scores_gradients_equal_plain_autograd(tok, temperature, entropy):
     want = grads(logp.gather(-1, y[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1) if entropy else None)
     for g, w in zip(got, want, strict=True):
         assert (g - w).abs().max().item() <= 1e-5 * w.abs().max().item()
+
+
+def test_auto_row_tokens_packs_to_the_largest_tree(tok):
+    rng = random.Random(50)
+    trees = [random_tree(rng, len(tok), i, n_steps=k) for i, k in enumerate([1, 9, 2, 1, 8, 1, 3, 1])]
+    adv = [rng.gauss(0.0, 1.0) for _ in range(sum(len(t.leaves()) for t in trees))]
+    one = pack(trees, adv, "tree", max_tokens_per_row=0)
+    auto = pack(trees, adv, "tree", max_tokens_per_row=-1)
+    assert auto.input_ids.shape[1] == one.input_ids.shape[1]  # rows no longer than the largest tree
+    assert auto.input_ids.shape[0] < one.input_ids.shape[0]
+    assert auto.num_forward_tokens == one.num_forward_tokens
+    with pytest.raises(ValueError, match="max_tokens_per_row"):
+        pack(trees, adv, "tree", max_tokens_per_row=-2)
+
+
+def test_models_without_a_known_decoder_fall_back_to_their_own_forward(tok, monkeypatch):
+    import treegrpo.packing as packing_mod
+
+    model = tiny_causal_lm(tok, arch="llama", hidden=32)
+    ref = tiny_causal_lm(tok, arch="llama", hidden=32, seed=1)
+    trees, adv = trees_and_adv(len(tok), seed=60)
+    split = run(model, ref, trees, adv, "tree")
+    monkeypatch.setattr(packing_mod, "split_causal_lm", lambda m: None)
+    assert_same(run(model, ref, trees, adv, "tree"), split)
+    with pytest.raises(ValueError, match="path"):
+        monkeypatch.setattr("treegrpo.path_mode.split_causal_lm", lambda m: None)
+        packed_loss(model, pack(trees, adv, "path"), CFG)

@@ -432,9 +432,10 @@ def build_run(
     """Data, retriever, environment, tokenizer and model; a pretrained model is moved to `device`
     (with fp32 master weights for what trains) before its warm start, so the warm start runs there."""
     torch.manual_seed(cfg.seed)
-    if not cfg.model.path and not torch.cuda.is_available():
-        # A sub-million-parameter model gains nothing from a second CPU thread and loses a lot when
-        # the machine is busy (threads wait on each other at every small op).
+    if not cfg.model.path and not torch.cuda.is_available() and cfg.trainer.packing == "path":
+        # The tiny model decodes on one thread whatever this says (policies/hf.py, per call). Its training
+        # gains from every core with `tree` / `leaf` packing (2 vs 1 thread on 2 busy cores, quickstart
+        # shape: 1.5x faster), but `path` packing is many small calls where threads only wait (6x slower).
         torch.set_num_threads(1)
     task, train_rows, eval_rows = load_data(cfg)
     if not train_rows:

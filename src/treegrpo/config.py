@@ -152,8 +152,9 @@ class TrainerConfig:
     # tree: every unique token once (tree mask); leaf: one row per root→leaf path; path: memory-bounded
     # depth-first walk with per-branch backward (peak memory ≈ one path, for trees too large for a mask)
     packing: Literal["tree", "leaf", "path"] = "tree"
-    # tree packing: bin whole trees first-fit-decreasing into rows of this many tokens (0 = one row per tree)
-    max_tokens_per_row: int = field(default=0, metadata={"min": 0, "max": 1 << 22})
+    # tree packing: bin whole trees first-fit-decreasing into rows of this many tokens; 0 = one row per tree,
+    # -1 = rows as long as the micro-batch's largest tree (least padding and attention work, never splits)
+    max_tokens_per_row: int = field(default=-1, metadata={"min": -1, "max": 1 << 22})
     # rows of hidden states per LM-head + fp32 log-softmax chunk (peak logits memory ≈ chunk × vocab × 4 B)
     logits_chunk: int = field(default=1024, metadata={"min": 1, "max": 1 << 22})
     # Truncated importance sampling for a sampler whose numerics differ from the trainer's (vLLM in bf16):

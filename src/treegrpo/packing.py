@@ -38,6 +38,7 @@ from treegrpo.tree_masks import tree_attention_mask, visibility
 
 Packing = Literal["tree", "leaf", "path"]
 PACKINGS: tuple[str, ...] = ("tree", "leaf", "path")
+AUTO_ROW_TOKENS = -1  # max_tokens_per_row: the largest tree of the batch
 _DEVICE_FIELDS = ("input_ids", "position_ids", "target_index", "loss_mask", "valid", "subtree_end")
 
 
@@ -171,18 +172,19 @@ def pack(
     total_tokens: float | None = None,
     total_sequences: float | None = None,
     pad_id: int = 0,
-    max_tokens_per_row: int = 0,
+    max_tokens_per_row: int = -1,
     logits_chunk: int = DEFAULT_LOGITS_CHUNK,
 ) -> PackedBatch:
     """Pack trees with one advantage per leaf (flat, tree order then node order) for training.
 
     `max_tokens_per_row` (tree packing): 0 = one row per tree; > 0 = bin whole trees into rows of that many
-    tokens. `logits_chunk`: rows of hidden states per LM-head chunk (≤ 0 = all at once).
+    tokens; -1 = rows as long as the batch's largest tree (the shortest rows that never split a tree).
+    `logits_chunk`: rows of hidden states per LM-head chunk (≤ 0 = all at once).
     """
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
-    if max_tokens_per_row < 0:
-        raise ValueError(f"max_tokens_per_row must be >= 0, got {max_tokens_per_row}")
+    if max_tokens_per_row < -1:
+        raise ValueError(f"max_tokens_per_row must be >= -1, got {max_tokens_per_row}")
     if not trees:
         raise ValueError("pack needs at least one tree")
     for ti, t in enumerate(trees):
@@ -198,8 +200,11 @@ def pack(
         groups = [[i] for i in range(len(rows))]
     else:
         rows = _tree_rows(trees, leaves, w)
-        budget = max_tokens_per_row if packing == "tree" else 0  # path mode walks one tree at a time
-        groups = first_fit_decreasing([len(x.ids) for x in rows], budget)
+        sizes = [len(x.ids) for x in rows]
+        budget = max(sizes) if max_tokens_per_row == AUTO_ROW_TOKENS else max_tokens_per_row
+        if packing == "path":
+            budget = 0  # path mode walks one tree at a time
+        groups = first_fit_decreasing(sizes, budget)
     batch = _collate(packing, rows, groups, pad_id, len(leaves))
     batch.logits_chunk = logits_chunk
     return batch
