@@ -69,7 +69,8 @@ class ModelConfig:
 @dataclass
 class PolicyConfig:
     # hf: in-process transformers; vllm: colocated vLLM engine (GPU, `treegrpo[vllm]`); openai: a served
-    # model behind an OpenAI-compatible completions API (evaluation / rollouts only: training cannot update it).
+    # model behind an OpenAI-compatible completions API (vLLM, SGLang, `treegrpo serve-policy`); training
+    # pushes its weights to the servers after each update (`weight_sync`).
     backend: Literal["hf", "vllm", "openai"] = "hf"
     temperature: float = field(default=1.0, metadata={"min": 0.0})
     top_p: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
