@@ -127,3 +127,15 @@ def env_stop_strings(env: Any) -> tuple[str, ...] | None:
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"env.stop_strings must be non-empty strings, got {list(stops)!r}")
     return tuple(stops)
+
+
+def question_messages(template: str, question: str, system_prompt: str = "") -> list[dict[str, str]]:
+    """Chat messages asking `question` through `template` (its `{question}`), after an optional system turn.
+
+    `str.replace`, not `format`: a template may hold other braces (JSON examples of a tool call, etc.).
+    """
+    messages: list[dict[str, str]] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": template.replace("{question}", question)})
+    return messages

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from treegrpo.envs.parsing import parse_step
-from treegrpo.protocols import Prompt, StepResult
+from treegrpo.protocols import Prompt, StepResult, question_messages
 from treegrpo.retrievers.base import Passage, Retriever
 from treegrpo.rewards import RewardFn, get_reward, is_valid_format
 from treegrpo.tree import ActionKind
@@ -119,12 +119,7 @@ class SearchR1Env:
     # ---- episode start ---------------------------------------------------------------------
     def build_prompt(self, question: str) -> list[dict[str, str]]:
         """Chat messages for a question; the policy's chat template turns them into ids."""
-        messages: list[dict[str, str]] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        # str.replace, not format: the template may contain other braces (JSON examples, etc.).
-        messages.append({"role": "user", "content": self.template.replace("{question}", question)})
-        return messages
+        return question_messages(self.template, question, self.system_prompt)
 
     def start(self, row: Mapping[str, Any]) -> tuple[SearchState, Prompt]:
         """Begin an episode from a normalized row (see :mod:`treegrpo.data`)."""

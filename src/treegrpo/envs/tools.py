@@ -22,7 +22,7 @@ from typing import Any
 from treegrpo.envs.chat_format import ChatFormat, format_call
 from treegrpo.envs.tool_calls import has_tool_call, parse_tool_calls, run_tool_calls
 from treegrpo.errors import UserError
-from treegrpo.protocols import Prompt, StepResult
+from treegrpo.protocols import Prompt, StepResult, question_messages
 from treegrpo.rewards import RewardFn, exact_match, extract_answer, get_reward
 from treegrpo.tree import ActionKind
 
@@ -139,11 +139,7 @@ class ToolsEnv:
 
     # ---- episode start ---------------------------------------------------------------------------
     def build_prompt(self, question: str) -> list[dict[str, str]]:
-        messages: list[dict[str, str]] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": self.template.replace("{question}", question)})
-        return messages
+        return question_messages(self.template, question, self.system_prompt)
 
     def start(self, row: Mapping[str, Any]) -> tuple[ToolState, Prompt]:
         question = row.get("question")
