@@ -1,8 +1,8 @@
 """Assemble a run from its config: data, retriever, environment, tokenizer, model, warm start.
 
 This is the outermost layer (it does I/O and caching); the algorithm modules never import it.
-The quickstart's tokenizer and warm-started model are cached under `cache_dir`, keyed by every
-setting that shapes them, so a second run starts in seconds.
+The quickstart's tokenizer and warm-started model, and a pretrained model's warm start, are cached
+under `cache_dir`, keyed by every setting that shapes them, so a second run starts in seconds.
 """
 
 from __future__ import annotations
@@ -252,33 +252,32 @@ def build_run(
     retriever = build_retriever(cfg, task)
     if cfg.model.path:
         model, tok = load_pretrained(cfg)
-        from treegrpo.precision import autocast, compute_dtype, model_device, upcast_trainable
-
         if device is not None:
             model.to(device)
         info: dict[str, Any] = {}
         ws = cfg.warmstart
         if ws.enabled and ws.num_demos > 0 and ws.epochs > 0 and task is not None:
-            upcast_trainable(model)  # the warm start trains: fp32 master weights, compute in model.dtype
             # SFT of the pretrained model (its LoRA adapter, when enabled) on the task's oracle
-            # demonstrations, so it learns the tag protocol before RL. Not cached: it is cheap next to RL.
-            from treegrpo.sft import warm_start
+            # demonstrations, so it learns the tag protocol before RL; cached like the tiny model's.
+            from treegrpo.pretrained import resolve_model_path
+            from treegrpo.pretrained_warmstart import (
+                cached_warm_start,
+                load_cached,
+                save_warm_start,
+                warm_start_pretrained,
+            )
 
-            demos = task.demonstrations(n=ws.num_demos, early_stop_prob=ws.early_stop_prob, seed=cfg.seed)
-            log(f"warm start: SFT of {cfg.model.path} on {len(demos)} demonstrations ({ws.epochs} epochs)")
-            with autocast(model_device(model), compute_dtype(cfg.model.dtype)):
-                stats = warm_start(
-                    model,
-                    tok,
-                    build_env(cfg, retriever, tok),
-                    demos,
-                    epochs=ws.epochs,
-                    lr=ws.lr,
-                    batch_size=ws.batch_size,
-                    seed=cfg.seed,
-                    on_step=on_sft_step,
+            cache = Path(cfg.cache_dir) / "warmstart" / _cache_key(cfg)
+            if cached_warm_start(cache):
+                model, info = load_cached(cfg, cache, resolve_model_path(cfg.model.path, cfg.cache_dir))
+                if device is not None:
+                    model.to(device)
+                log(f"warm start: loaded cached model from {cache}")
+            else:
+                info = warm_start_pretrained(
+                    cfg, model, tok, build_env(cfg, retriever, tok), task, log, on_sft_step
                 )
-            info = {"cached": False, "sft": stats.to_dict(), "seconds": stats.seconds}
+                save_warm_start(model, cache, info)
     else:
         if task is None:
             raise UserError(
