@@ -1,8 +1,8 @@
 """Assemble a run from its config: data, retriever, environment, tokenizer, model, warm start.
 
 This is the outermost layer (it does I/O and caching); the algorithm modules never import it.
-The quickstart's tokenizer and warm-started model are cached under `cache_dir`, keyed by every
-setting that shapes them, so a second run starts in seconds.
+The quickstart's tokenizer and warm-started model, and a pretrained model's warm start, are cached
+under `cache_dir`, keyed by every setting that shapes them, so a second run starts in seconds.
 """
 
 from __future__ import annotations
@@ -449,14 +449,25 @@ def build_run(
             model.to(device)
         info: dict[str, Any] = {}
         # SFT of the pretrained model (its LoRA adapter, when enabled) on demonstrations, so it learns
-        # the environment's protocol before RL. Not cached: it is cheap next to RL.
+        # the environment's protocol before RL; cached like the tiny model's (LoRA: the adapter only).
         env = build_env(cfg, retriever, tok)
         demos = demonstrations_for(cfg, task, env, log)
         if demos:
-            upcast_trainable(model)  # the warm start trains: fp32 master weights, compute in model.dtype
-            with autocast(model_device(model), compute_dtype(cfg.model.dtype)):
-                sft = _warm_start(cfg, model, tok, env, demos, log, on_sft_step, cfg.model.path)
-            info = {"cached": False, **sft}
+            from treegrpo.pretrained import resolve_model_path
+            from treegrpo.pretrained_warmstart import cached_warm_start, load_cached, save_warm_start
+
+            cache = Path(cfg.cache_dir) / "warmstart" / _cache_key(cfg)
+            if cached_warm_start(cache):
+                model, info = load_cached(cfg, cache, resolve_model_path(cfg.model.path, cfg.cache_dir))
+                if device is not None:
+                    model.to(device)
+                log(f"warm start: loaded cached model from {cache}")
+            else:
+                upcast_trainable(model)  # the warm start trains: fp32 master weights, compute in model.dtype
+                with autocast(model_device(model), compute_dtype(cfg.model.dtype)):
+                    sft = _warm_start(cfg, model, tok, env, demos, log, on_sft_step, cfg.model.path)
+                info = {"cached": False, **sft}
+                save_warm_start(model, cache, info)
     else:
         model, tok, info = build_tiny(cfg, task, train_rows + eval_rows, retriever, log, on_sft_step)
     env = build_env(cfg, retriever, tok)
