@@ -36,7 +36,11 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None) -> Any:
     if dtype is None:
         return contextlib.nullcontext()
     kind = torch.device(device).type
-    return torch.autocast(device_type=kind, dtype=dtype)
+    # No cast cache: autocast caches the low-precision copy of every trainable fp32 weight for the whole
+    # context, so a context held across optimizer steps (the warm start runs inside one) would keep
+    # computing with the weights as they were when it opened: the training loss would never move
+    # (measured: a LoRA warm start in bf16 ended at exactly its starting loss).
+    return torch.autocast(device_type=kind, dtype=dtype, cache_enabled=False)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
