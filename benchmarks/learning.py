@@ -135,8 +135,12 @@ def train_one(
     checkpoints: int,
     max_steps: int,
     run_dir: Path,
+    keep: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """One run: fresh model copy and Trainer, train until `budget` generated tokens, EM at checkpoints."""
+    """One run: fresh model copy and Trainer, train until `budget` generated tokens, EM at checkpoints.
+
+    `keep`: metric keys to record for every step (returned as `per_step`); each curve point also has the
+    wall `seconds` since the run started."""
     run_parts = RunParts(
         model=copy.deepcopy(base_model),
         tokenizer=parts.tokenizer,
@@ -149,12 +153,14 @@ def train_one(
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_parts, run_dir)
     marks = [budget * k / checkpoints for k in range(1, checkpoints + 1)]
-    curve = [_point(0, {}, start_em, None)]
+    curve = [{**_point(0, {}, start_em, None), "seconds": 0.0}]
     rewards: list[float] = []
+    per_step: list[dict[str, float]] = []
     skipped = 0
     while trainer.step < max_steps:
         m = trainer.train_step()
         m.pop("_forests", None)
+        per_step.append({k: float(m[k]) for k in keep if k in m})
         skipped += int(m.get("train/skipped", 0.0))
         rewards.append(float(m["train/reward_mean"]))
         gen = trainer.totals.get("generated_tokens", 0.0)
@@ -162,6 +168,7 @@ def train_one(
         if marks and gen >= marks[0]:
             em = evaluate(trainer.greedy, parts.env, eval_rows)["eval/em"]
             point = _point(trainer.step, trainer.totals, em, float(np.mean(rewards[-5:])))
+            point["seconds"] = time.perf_counter() - t0
             # One point per budget mark crossed (a big step may cross several), so every run's curve
             # has checkpoints + 1 points and curves line up index by index across seeds.
             while marks and gen >= marks[0]:
@@ -172,6 +179,7 @@ def train_one(
     if curve[-1]["step"] != trainer.step:  # hit max_steps before the budget: still end on an eval
         em = evaluate(trainer.greedy, parts.env, eval_rows)["eval/em"]
         curve.append(_point(trainer.step, trainer.totals, em, float(np.mean(rewards[-5:]))))
+        curve[-1]["seconds"] = time.perf_counter() - t0
     return {
         "steps": trainer.step,
         "seconds": time.perf_counter() - t0,
@@ -181,6 +189,7 @@ def train_one(
         "train_reward_first5": float(np.mean(rewards[:5])),
         "train_reward_last5": float(np.mean(rewards[-5:])),
         "curve": curve,
+        "per_step": per_step,
     }
 
 

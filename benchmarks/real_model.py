@@ -26,7 +26,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from learning import ARMS, _json_default, _point, arm_overrides  # noqa: E402
+from learning import ARMS, _json_default, arm_overrides, train_one  # noqa: E402
 from treegrpo.build import RunParts, build_run  # noqa: E402
 from treegrpo.config import Config, load_config  # noqa: E402
 from treegrpo.diagnostics import LABELS  # noqa: E402
@@ -34,7 +34,6 @@ from treegrpo.errors import UserError  # noqa: E402
 from treegrpo.evaluation import evaluate  # noqa: E402
 from treegrpo.policy_factory import make_policy  # noqa: E402
 from treegrpo.pretrained import builtin_available  # noqa: E402
-from treegrpo.trainer import Trainer  # noqa: E402
 
 DEFAULT_ARMS = ["tree(2,2,1)", "chain(4)"]
 QUICK_SETS = [
@@ -58,46 +57,16 @@ def run_arm(
     max_steps: int,
     run_dir: Path,
 ) -> dict[str, Any]:
-    """Train a fresh copy until `budget` generated tokens; EM, tokens and wall time at each checkpoint."""
-    run_parts = RunParts(
-        model=copy.deepcopy(base_model),
-        tokenizer=parts.tokenizer,
-        env=parts.env,
-        train_rows=parts.train_rows,
-        eval_rows=eval_rows,
-        task=parts.task,
-        warmstart=parts.warmstart,
+    """`learning.train_one` (a fresh copy trained to `budget` generated tokens, EM at each checkpoint),
+    plus the run's generated tokens, EM gain and mean RL-signal diagnostics."""
+    run = train_one(
+        cfg, parts, base_model, eval_rows, start_em, budget, checkpoints, max_steps, run_dir, keep=SIGNAL_KEYS
     )
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, run_parts, run_dir)
-    marks = [budget * k / checkpoints for k in range(1, checkpoints + 1)]
-    curve = [{**_point(0, {}, start_em, None), "seconds": 0.0}]
-    steps: list[dict[str, float]] = []
-    while trainer.step < max_steps and marks:
-        m = trainer.train_step()
-        m.pop("_forests", None)
-        steps.append({k: float(m[k]) for k in ("train/reward_mean", *SIGNAL_KEYS) if k in m})
-        gen = trainer.totals.get("generated_tokens", 0.0)
-        if gen >= marks[0]:
-            em = evaluate(trainer.greedy, parts.env, eval_rows)["eval/em"]
-            recent = [s["train/reward_mean"] for s in steps[-5:]]
-            point = {**_point(trainer.step, trainer.totals, em, sum(recent) / len(recent))}
-            point["seconds"] = time.perf_counter() - t0
-            while marks and gen >= marks[0]:
-                marks.pop(0)
-                curve.append(dict(point))
-    signal = {k: sum(s.get(k, 0.0) for s in steps) / max(len(steps), 1) for k in SIGNAL_KEYS}
-    return {
-        "steps": trainer.step,
-        "seconds": time.perf_counter() - t0,
-        "generated_tokens": trainer.totals.get("generated_tokens", 0.0),
-        "reached_budget": not marks,
-        "final_em": curve[-1]["eval_em"],
-        "em_gain": curve[-1]["eval_em"] - start_em,
-        "signal_mean": signal,
-        "per_step": steps,
-        "curve": curve,
-    }
+    steps = run["per_step"]
+    run["signal_mean"] = {k: sum(s.get(k, 0.0) for s in steps) / max(len(steps), 1) for k in SIGNAL_KEYS}
+    run["generated_tokens"] = run["curve"][-1]["generated_tokens"]
+    run["em_gain"] = run["final_em"] - start_em
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
