@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from treegrpo.diagnostics import no_signal_warning, signal_diagnostics
+from treegrpo.diagnostics import SignalWarnings, no_signal_warning, signal_diagnostics
 from treegrpo.rewards import is_valid_format
 from treegrpo.tree import ActionKind, Forest, Tree
 
@@ -69,3 +69,13 @@ def test_warning_names_the_cause():
 def test_empty_is_zero_not_nan():
     d = signal_diagnostics([], max_new_tokens=8, format_valid=is_valid_format)
     assert all(v == 0.0 for v in d.values())
+
+
+def test_warnings_are_rate_limited_within_a_streak():
+    """First step of a flat streak warns, then every 10th step of it; a good step ends the streak."""
+    flat, ok = {"signal/zero_variance_groups": 0.8}, {"signal/zero_variance_groups": 0.2}
+    w = SignalWarnings(every=10)
+    printed = [w.check(flat) is not None for _ in range(21)]
+    assert [i for i, p in enumerate(printed) if p] == [0, 10, 20]
+    assert w.check(ok) is None
+    assert w.check(flat) is not None  # a new streak warns at once

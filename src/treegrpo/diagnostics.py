@@ -96,3 +96,23 @@ def no_signal_warning(diag: dict[str, float], threshold: float = 0.5) -> str | N
         causes.append(f"only {diag['signal/format_valid_rate']:.0%} of responses are format-valid")
     why = "; ".join(causes) if causes else "every leaf of a prompt got the same reward"
     return f"no RL signal: {share:.0%} of prompts have zero reward variance ({why})"
+
+
+class SignalWarnings:
+    """Rate-limits `no_signal_warning`: the first step that crosses the threshold, then every `every`
+    steps while it persists. A run that learns with half its groups flat should not print every step."""
+
+    def __init__(self, every: int = 10, threshold: float = 0.5) -> None:
+        self.every, self.threshold = every, threshold
+        self._since: int | None = None  # steps since the last printed warning, None when not in a streak
+
+    def check(self, diag: dict[str, float]) -> str | None:
+        why = no_signal_warning(diag, self.threshold)
+        if why is None:
+            self._since = None
+            return None
+        if self._since is None or self._since + 1 >= self.every:
+            self._since = 0
+            return why
+        self._since += 1
+        return None

@@ -34,7 +34,7 @@ from treegrpo.checkpoint import (
 )
 from treegrpo.config import Config
 from treegrpo.data import batch_rows, group_ids_of
-from treegrpo.diagnostics import no_signal_warning, signal_diagnostics
+from treegrpo.diagnostics import SignalWarnings, signal_diagnostics
 from treegrpo.distributed import DistContext
 from treegrpo.errors import UserError
 from treegrpo.evaluation import evaluate
@@ -166,6 +166,7 @@ class Trainer:
         self.data_position = 0
         self.bad_steps = 0
         self.totals: dict[str, float] = {}
+        self.signal_warnings = SignalWarnings(every=10)
 
     @property
     def world(self) -> int:
@@ -232,7 +233,7 @@ class Trainer:
         fmt = getattr(self.parts.env, "format_valid", None)
         metrics.update(signal_diagnostics(forests, self.cfg.policy.max_new_tokens, fmt))
         metrics = self._mean_over_ranks(metrics)
-        if self.dist.is_main and (why := no_signal_warning(metrics)):
+        if self.dist.is_main and (why := self.signal_warnings.check(metrics)):
             warnings.warn(f"step {self.step + 1}: {why}", stacklevel=2)
         self.step += 1
         self.data_position += self.cfg.trainer.prompts_per_step
