@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,14 +57,23 @@ class RunProgress:
         else:
             print(msg, file=sys.stderr, flush=True)
 
+    def _sft_due(self, every_s: float = 30.0) -> bool:
+        """A slow warm start (a pretrained model on CPU) still shows a line at least every 30 s."""
+        last = getattr(self, "_sft_printed", None)
+        if last is None:
+            self._sft_printed = time.monotonic()
+            return False
+        return time.monotonic() - last >= every_s
+
     def sft_callback(self) -> Callable[[int, int, float], None]:
         def on_step(step: int, total: int, loss: float) -> None:
             if self.progress is not None:
                 if self._sft_task is None:
                     self._sft_task = self.progress.add_task("warm start (SFT)", total=total, info="")
                 self.progress.update(self._sft_task, completed=step, info=f"loss {loss:.3f}")
-            elif not self.quiet and (step == total or step % 50 == 0):
+            elif not self.quiet and (step == total or step % 50 == 0 or self._sft_due()):
                 print(f"warm start: step {step}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)
+                self._sft_printed = time.monotonic()
 
         return on_step
 
