@@ -91,3 +91,27 @@ def test_impossible_group_size_rejected():
 def test_debug_flag_shows_the_traceback():
     with pytest.raises(ConfigError):
         main(["--debug", "config", "show", "--set", "rollout.m=0"])
+
+
+@pytest.mark.parametrize("fast, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_is_resolved_from_the_hardware(monkeypatch, fast, expected):
+    """`model.dtype: auto` becomes bf16 only where bf16 matmuls are fast; the config holds the real dtype."""
+    import treegrpo.precision as precision
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda: fast)
+    cfg = load_config(overrides=["model.dtype=auto"])
+    assert cfg.model.dtype == expected
+    assert f"dtype: {expected}" in cfg.to_yaml()
+
+
+def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
+    import torch
+
+    import treegrpo.precision as precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert precision.fast_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert precision.fast_bf16() is True

@@ -56,7 +56,9 @@ class ModelConfig:
     num_heads: int = field(default=4, metadata={"min": 1, "max": 256})
     tokenizer: Literal["wordlevel", "bpe"] = "wordlevel"
     gguf_file: str = ""  # load weights from a GGUF file inside `path` (SmolLM2 preset)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 where this machine has fast bf16 matmuls (CUDA; CPUs with AVX512-BF16 or AMX), else
+    # float32 (on an AVX2-only CPU torch's bf16 matmuls take a generic path hundreds of times slower)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     # flex_attention: tree rows get a FlexAttention BlockMask (training needs CUDA: no CPU backward)
     attn_implementation: Literal["eager", "sdpa", "flex_attention"] = "sdpa"
     lora: bool = False
@@ -429,4 +431,9 @@ def load_config(
     data = load_preset(preset or file_preset or "quickstart")
     data = _apply_layer(data, loaded)
     data = _apply_layer(data, _overrides_layer(overrides or []))
-    return _validate(_build(Config, data))
+    cfg = _validate(_build(Config, data))
+    if cfg.model.dtype == "auto":  # resolved here, so config.yaml and the cache key hold the real dtype
+        from treegrpo.precision import auto_dtype
+
+        cfg.model.dtype = auto_dtype()
+    return cfg

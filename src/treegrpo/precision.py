@@ -15,6 +15,19 @@ from typing import Any
 import torch
 
 
+def fast_bf16() -> bool:
+    """Does this machine run bf16 matmuls fast? CUDA with bf16, or a CPU with AVX512-BF16 / AMX tiles."""
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def auto_dtype() -> str:
+    """`model.dtype: auto`: bfloat16 where it is fast, float32 elsewhere."""
+    return "bfloat16" if fast_bf16() else "float32"
+
+
 def compute_dtype(dtype_name: str) -> torch.dtype | None:
     """The autocast dtype for `model.dtype`, or None for plain fp32."""
     dtype = getattr(torch, dtype_name)
