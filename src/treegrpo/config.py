@@ -57,7 +57,7 @@ class ModelConfig:
     tokenizer: Literal["wordlevel", "bpe"] = "wordlevel"
     gguf_file: str = ""  # load weights from a GGUF file inside `path` (SmolLM2 preset)
     # auto: bfloat16 where this machine has fast bf16 matmuls (CUDA; CPUs with AVX512-BF16 or AMX), else
-    # float32 (on an AVX2-only CPU torch's bf16 matmuls take a generic path hundreds of times slower)
+    # float32 (on an AVX2-only CPU torch's bf16 matmuls take a generic, far slower path)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     # flex_attention: tree rows get a FlexAttention BlockMask (training needs CUDA: no CPU backward)
     attn_implementation: Literal["eager", "sdpa", "flex_attention"] = "sdpa"
