@@ -57,23 +57,20 @@ class RunProgress:
         else:
             print(msg, file=sys.stderr, flush=True)
 
-    def _sft_due(self, every_s: float = 30.0) -> bool:
-        """A slow warm start (a pretrained model on CPU) still shows a line at least every 30 s."""
-        last = getattr(self, "_sft_printed", None)
-        if last is None:
-            self._sft_printed = time.monotonic()
-            return False
-        return time.monotonic() - last >= every_s
+    def sft_callback(self, every_s: float = 30.0) -> Callable[[int, int, float], None]:
+        """Progress of the warm start: a bar on a terminal, else a line every 50 steps and at least every
+        `every_s` seconds (a pretrained model's SFT step can take minutes on a CPU)."""
+        last = time.monotonic()
 
-    def sft_callback(self) -> Callable[[int, int, float], None]:
         def on_step(step: int, total: int, loss: float) -> None:
+            nonlocal last
             if self.progress is not None:
                 if self._sft_task is None:
                     self._sft_task = self.progress.add_task("warm start (SFT)", total=total, info="")
                 self.progress.update(self._sft_task, completed=step, info=f"loss {loss:.3f}")
-            elif not self.quiet and (step == total or step % 50 == 0 or self._sft_due()):
+            elif not self.quiet and (step == total or step % 50 == 0 or time.monotonic() - last >= every_s):
                 print(f"warm start: step {step}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)
-                self._sft_printed = time.monotonic()
+                last = time.monotonic()
 
         return on_step
 
