@@ -6,9 +6,11 @@ openai` routing. Each configuration starts with empty server prefix caches (`/re
 Reported per configuration: step time (one rollout of `--prompts` prompts), prompt tokens the servers
 recomputed (prefill) vs served from their prefix cache, generated tokens/s.
 
-Sync vs one-step-off async rollouts are measured once the trainer integration lands.
+`train_sync_async`: whole training steps (`treegrpo train` through one server) with
+`trainer.async_rollouts` 0 and 1, side by side in one run: mean step time over the steps after the first
+(the first async step has nothing prefetched), the sampling time and the time the trainer waited for it.
 
-Run: python benchmarks/server_rollouts.py [--json] [--quick]
+Run: python benchmarks/server_rollouts.py [--json] [--quick] [--train-steps N]
 """
 
 from __future__ import annotations
@@ -118,7 +120,51 @@ def measure(cfg: Any, parts: Any, urls: list[str], routing: str, prompts: int, s
     }
 
 
-def run(quick: bool, prompts: int, steps: int) -> dict[str, Any]:
+def train_sync_async(
+    overrides: list[str], url: str, prompts: int, steps: int, out_dir: Path
+) -> dict[str, Any]:
+    """Training steps through the server at `url`, sync vs one-step-off async (same seeds and data)."""
+    from treegrpo.config import load_config
+    from treegrpo.run_log import read_metrics
+    from treegrpo.trainer import train
+
+    out: dict[str, Any] = {}
+    for mode in ("sync", "async"):
+        sets = [
+            *overrides,
+            "policy.backend=openai",
+            f"policy.base_url={url}",
+            f"trainer.async_rollouts={int(mode == 'async')}",
+            "trainer.tis_cap=2.0",
+            f"trainer.steps={steps}",
+            f"trainer.prompts_per_step={prompts}",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            "trainer.save_trees_every=0",
+            f"output_dir={out_dir}",
+            f"name={mode}",
+        ]
+        call(url, "/reset_prefix_cache", {})
+        summary = train(load_config(None, sets), progress=False)
+        rows = [r for r in read_metrics(Path(summary["run_dir"])) if r.get("step", 0) >= 2]
+
+        def mean(key: str, rows: list[dict[str, Any]] = rows) -> float:
+            return float(np.mean([r.get(key, 0.0) for r in rows])) if rows else float("nan")
+
+        out[mode] = {
+            "step_seconds": mean("time/step_seconds"),
+            "rollout_seconds": mean("time/rollout_seconds"),
+            "rollout_wait_seconds": mean("time/rollout_wait_seconds"),
+            "staleness": [r.get("train/staleness") for r in rows],
+            "logprob_mismatch": mean("train/logprob_mismatch"),
+            "reward_mean": mean("train/reward_mean"),
+        }
+    out["speedup"] = out["sync"]["step_seconds"] / out["async"]["step_seconds"]
+    out["steps_timed"] = max(steps - 1, 0)
+    return out
+
+
+def run(quick: bool, prompts: int, steps: int, train_steps: int = 0) -> dict[str, Any]:
     from treegrpo.build import build_run
     from treegrpo.config import load_config
 
@@ -132,6 +178,12 @@ def run(quick: bool, prompts: int, steps: int) -> dict[str, Any]:
         out["2 servers sticky"] = measure(cfg, parts, urls, "sticky", prompts, steps)
         out["2 servers round_robin"] = measure(cfg, parts, urls, "round_robin", prompts, steps)
         out["2 servers random"] = measure(cfg, parts, urls, "random", prompts, steps)
+        sync_async = None
+        if train_steps > 1:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                sync_async = train_sync_async(overrides, urls[0], prompts, train_steps, Path(tmp))
     r = cfg.rollout
     return {
         "setup": {
@@ -143,6 +195,7 @@ def run(quick: bool, prompts: int, steps: int) -> dict[str, Any]:
             "servers": "serve-policy subprocesses on this machine (CPU)",
         },
         "configs": out,
+        "train_sync_async": sync_async,
     }
 
 
@@ -152,13 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="cheap warm start, 4 prompts, 1 step")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument(
+        "--train-steps", type=int, default=None, help="training steps per mode for sync vs async (0: skip)"
+    )
     args = ap.parse_args(argv)
     prompts = args.prompts if args.prompts is not None else (4 if args.quick else 16)
     steps = args.steps if args.steps is not None else (1 if args.quick else 3)
     if prompts < 1 or steps < 1:
         print("error: --prompts and --steps must be >= 1", file=sys.stderr)
         return 2
-    result = run(args.quick, prompts, steps)
+    train_steps = args.train_steps if args.train_steps is not None else (3 if args.quick else 6)
+    if train_steps < 0:
+        print("error: --train-steps must be >= 0", file=sys.stderr)
+        return 2
+    result = run(args.quick, prompts, steps, train_steps)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -167,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:24s} step {r['step_seconds']:.2f}s  prefill {r['prefill_tokens_recomputed']:6d} / "
                 f"{r['prompt_tokens']:6d} prompt tokens (hit {r['server_prefix_hit']:.2f})  "
                 f"{r['tokens_per_second']:.0f} tok/s"
+            )
+        if sa := result["train_sync_async"]:
+            print(
+                f"train step: sync {sa['sync']['step_seconds']:.2f}s, async "
+                f"{sa['async']['step_seconds']:.2f}s (speedup {sa['speedup']:.2f})"
             )
     return 0
 

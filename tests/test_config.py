@@ -115,3 +115,14 @@ def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
     assert precision.fast_bf16() is False
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert precision.fast_bf16() is True
+
+
+def test_async_rollouts_need_a_server_backend_and_a_staleness_bound():
+    with pytest.raises(ConfigError, match=r"trainer.async_rollouts: 1 needs policy.backend 'openai'.*'hf'"):
+        load_config(None, ["trainer.async_rollouts=1"])
+    served = ["trainer.async_rollouts=1", "policy.backend=openai", "policy.base_url=http://127.0.0.1:9"]
+    with pytest.raises(ConfigError, match=r"trainer.max_staleness: 0 refuses every one-step-off rollout"):
+        load_config(None, [*served, "trainer.max_staleness=0"])
+    assert load_config(None, served).trainer.async_rollouts == 1
+    with pytest.raises(ConfigError, match="trainer.async_rollouts"):
+        load_config(None, ["trainer.async_rollouts=2"])

@@ -223,3 +223,45 @@ def test_prefix_hit_metric_waits_for_servers_that_report_it():
     assert hooks.rollout_metrics(3) == {"train/staleness": 0.0}
     pol.stats.update(prompt_tokens=300, prefill_tokens=150)  # 200 new prompt tokens, 50 recomputed
     assert hooks.rollout_metrics(3) == {"train/staleness": 0.0, "rollout/server_prefix_hit": 0.75}
+
+
+def test_closing_stops_an_in_flight_rollout_at_its_next_generation_call():
+    """A stopping run does not wait for a whole one-step-off rollout: its next generate call raises."""
+    from treegrpo.served_training import RolloutStopped, StoppablePolicy
+
+    calls: list[int] = []
+
+    class SlowPolicy:
+        generator = "delegated"
+
+        def generate(self, contexts):
+            calls.append(len(contexts))
+            time.sleep(0.05)
+            return contexts
+
+    ahead: OneStepOffRollouts[int] = OneStepOffRollouts(
+        lambda step, pol: [pol.generate([1]) for _ in range(10_000)]
+    )
+    pol = StoppablePolicy(SlowPolicy(), ahead.stop)
+    assert pol.generator == "delegated"
+    ahead.prefetch(1, pol)
+    time.sleep(0.2)
+    fut = ahead._pending[1]
+    t0 = time.monotonic()
+    ahead.close()
+    assert time.monotonic() - t0 < 2.0 and 1 <= len(calls) < 100
+    with pytest.raises(RolloutStopped):
+        fut.result()
+
+
+def test_wait_blocks_until_the_prefetched_rollout_is_done():
+    release = threading.Event()
+    ahead = OneStepOffRollouts(lambda step: (release.wait(5), step)[1], last_step=5)
+    try:
+        assert ahead.wait(1) == 0.0  # nothing prefetched: nothing to wait for
+        ahead.prefetch(1)
+        threading.Timer(0.2, release.set).start()
+        waited = ahead.wait(1)
+        assert 0.1 < waited < 5 and ahead.in_flight == [] and ahead.get(1) == 1
+    finally:
+        ahead.close()

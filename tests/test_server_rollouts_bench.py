@@ -56,3 +56,10 @@ def test_quick_run_prints_one_json_object():
         assert sum(r["requests_per_server"]) > 0
     assert out["configs"]["2 servers sticky"]["requests_per_server"][0] > 0  # both servers used
     assert out["configs"]["2 servers sticky"]["requests_per_server"][1] > 0
+    sa = out["train_sync_async"]
+    assert sa["steps_timed"] == 2
+    assert sa["sync"]["staleness"] == [0.0, 0.0] and sa["async"]["staleness"] == [1.0, 1.0]
+    for mode in ("sync", "async"):
+        assert 0 < sa[mode]["rollout_seconds"] and 0 < sa[mode]["step_seconds"]
+    assert 0 <= sa["async"]["rollout_wait_seconds"] <= sa["async"]["step_seconds"]
+    assert sa["speedup"] == pytest.approx(sa["sync"]["step_seconds"] / sa["async"]["step_seconds"])

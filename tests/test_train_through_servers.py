@@ -65,3 +65,60 @@ def test_without_sync_the_mismatch_grows_and_the_stale_guard_stops(tiny_config: 
     m = _metrics(run)
     assert m[1]["train/logprob_mismatch"] < 1e-4  # step 1 still samples the starting weights
     assert m[2]["train/logprob_mismatch"] > 1e-3 and m[2]["train/staleness"] == 1.0
+
+
+def _async_run(tiny_config: Path, url: str, name: str) -> dict[int, dict]:
+    from treegrpo.trainer import train
+
+    sets = [
+        "policy.backend=openai",
+        f"policy.base_url={url}",
+        "trainer.async_rollouts=1",
+        "trainer.tis_cap=2.0",
+        "trainer.eval_every=0",
+        f"name={name}",
+    ]
+    summary = train(load_config(str(tiny_config), sets), progress=False)
+    assert summary["steps"] == 3
+    return _metrics(Path(summary["run_dir"]))
+
+
+def test_async_rollouts_sample_one_step_off(tiny_config: Path):
+    """Step t+1 is sampled with the weights of step t while step t trains: staleness 0, 1, 1; the
+    sampler/trainer mismatch is rounding only where the weights agree (step 1)."""
+    raw = yaml.safe_load(tiny_config.read_text())
+    raw["trainer"]["lr"] = 0.05  # one update moves the log-probs visibly
+    tiny_config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(tiny_config))
+    with served_run_model(cfg, n=1) as urls:
+        a = _async_run(tiny_config, urls[0], "async")
+    assert [a[s]["train/staleness"] for s in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    assert [a[s]["train/policy_version"] for s in (1, 2, 3)] == [1.0, 2.0, 3.0]
+    assert a[1]["train/logprob_mismatch"] < 1e-4
+    assert a[2]["train/logprob_mismatch"] > 1e-3 and a[3]["train/logprob_mismatch"] > 1e-3
+    for s in (1, 2, 3):
+        assert 0.0 <= a[s]["time/rollout_wait_seconds"] <= a[s]["time/step_seconds"]
+        assert a[s]["time/rollout_seconds"] > 0.0
+
+
+def test_async_rollouts_beyond_the_staleness_bound_stop_cleanly(tiny_config: Path):
+    """Without weight sync every one-step-off rollout is one version older: the guard stops the run at
+    the first rollout 2 versions old, and no rollout thread is left behind."""
+    import threading
+
+    from treegrpo.trainer import train
+
+    cfg = load_config(str(tiny_config))
+    with served_run_model(cfg, n=1) as urls:
+        sets = [
+            "policy.backend=openai",
+            f"policy.base_url={urls[0]}",
+            "policy.weight_sync=none",
+            "trainer.async_rollouts=1",
+            "trainer.eval_every=0",
+        ]
+        with pytest.raises(UserError, match="max_staleness"):
+            train(load_config(str(tiny_config), sets), progress=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith("rollout")]
+    m = _metrics(Path(cfg.output_dir) / cfg.name)
+    assert [m[s]["train/staleness"] for s in sorted(m)] == [0.0, 1.0]

@@ -170,6 +170,9 @@ class TrainerConfig:
     save_trees_every: int = field(default=10, metadata={"min": 0, "max": _MAX_STEPS})
     # openai backend: refuse to train on rollouts sampled more than this many weight versions ago
     max_staleness: int = field(default=1, metadata={"min": 0, "max": 1000})
+    # openai backend: 1 = sample step t+1 on the servers (with the weights of step t) while step t trains;
+    # staleness 1, corrected by tis_cap. 0 = sample each step with the weights it trains
+    async_rollouts: int = field(default=0, metadata={"min": 0, "max": 1})
 
 
 @dataclass
@@ -315,6 +318,15 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(
             "trainer.tis_cap: not supported with trainer.packing 'path' (its backward runs inside the loss); "
             "use packing tree or leaf"
+        )
+    if cfg.trainer.async_rollouts and cfg.policy.backend != "openai":
+        raise ConfigError(
+            f"trainer.async_rollouts: 1 needs policy.backend 'openai' (generation on servers while this "
+            f"process trains); the {cfg.policy.backend!r} backend samples with the training model itself"
+        )
+    if cfg.trainer.async_rollouts and cfg.trainer.max_staleness < 1:
+        raise ConfigError(
+            "trainer.max_staleness: 0 refuses every one-step-off rollout; trainer.async_rollouts: 1 needs >= 1"
         )
     problem = rollout_memory_problem(cfg)
     if problem:

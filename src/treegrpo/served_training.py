@@ -10,14 +10,17 @@ loop around them, each a plain call with explicit inputs:
 
 `logprob_mismatch_metric` gives `train/logprob_mismatch` from a packed batch's sampling-time and
 recomputed log-probs. `OneStepOffRollouts` runs the rollout of step t+1 on a background thread while step
-t trains (`trainer.async_rollouts: 1`): staleness is then at most 1.
+t trains (`trainer.async_rollouts: 1`): staleness is then at most 1. `StoppablePolicy` lets a stopping
+run end an in-flight rollout at its next generation call instead of waiting for the whole step.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -96,13 +99,35 @@ def logprob_mismatch_metric(batch: Any, recomputed: Any) -> dict[str, float]:
     return {"train/logprob_mismatch": logprob_mismatch(batch.old_logprobs, recomputed, batch.loss_mask)}
 
 
+class RolloutStopped(Exception):
+    """The run is stopping: an in-flight one-step-off rollout gave up at its next generation call."""
+
+
+class StoppablePolicy:
+    """`policy` whose `generate` raises `RolloutStopped` once `stop` is set; everything else delegates."""
+
+    def __init__(self, policy: Any, stop: threading.Event) -> None:
+        self.policy = policy
+        self.stop = stop
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if self.stop.is_set():
+            raise RolloutStopped("the run is stopping")
+        return self.policy.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+
 class OneStepOffRollouts(Generic[R]):
     """Rollouts one step ahead of training. The loop, per step t:
 
         rollout = ahead.get(t)                      # waits for step t's rollout (sampled now if not prefetched)
         metrics = served.rollout_metrics(version)   # nothing in flight: versions and counters are consistent
         ahead.prefetch(t + 1)                       # sampled on the servers with the weights of now
-        ... train on rollout ...; served.after_update(model, t + 1)
+        ... train on rollout ...
+        ahead.wait(t + 1)                           # the whole rollout of t + 1 saw the weights of t
+        served.after_update(model, t + 1)
 
     `sample(step)` must only use what is safe to share with the training thread: the servers generate,
     the trainer's model is not touched. A weight sync during an in-flight rollout is fine: each request
@@ -110,27 +135,38 @@ class OneStepOffRollouts(Generic[R]):
     than it was served: staleness is never under-reported).
     """
 
-    def __init__(self, sample: Callable[[int], R], last_step: int | None = None) -> None:
-        self.sample = sample
+    def __init__(self, sample: Callable[..., R], last_step: int | None = None) -> None:
+        self.sample = sample  # sample(step, *args) -> the rollout of `step`
         self.last_step = last_step
+        self.stop = threading.Event()  # set by close(); for a `StoppablePolicy` inside `sample`
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
         self._pending: dict[int, Future[R]] = {}
         self._lock = threading.Lock()
 
-    def prefetch(self, step: int, force: bool = False) -> None:
+    def prefetch(self, step: int, *args: Any, force: bool = False) -> None:
         """Start sampling `step` now (no-op if already started, or past `last_step` unless forced)."""
         if not force and self.last_step is not None and step > self.last_step:
             return
         with self._lock:
             if step not in self._pending:
-                self._pending[step] = self._pool.submit(self.sample, step)
+                self._pending[step] = self._pool.submit(self.sample, step, *args)
 
-    def get(self, step: int) -> R:
-        """Step `step`'s rollout (sampled now if it was not prefetched)."""
-        self.prefetch(step, force=True)
+    def get(self, step: int, *args: Any) -> R:
+        """Step `step`'s rollout (sampled now, from `args`, if it was not prefetched)."""
+        self.prefetch(step, *args, force=True)
         with self._lock:
             fut = self._pending.pop(step)
         return fut.result()  # re-raises the rollout's exception in the training thread
+
+    def wait(self, step: int) -> float:
+        """Block until the prefetched rollout of `step` (if any) is done; the seconds waited."""
+        with self._lock:
+            fut = self._pending.get(step)
+        if fut is None:
+            return 0.0
+        t0 = time.perf_counter()
+        wait_all([fut])
+        return time.perf_counter() - t0
 
     @property
     def in_flight(self) -> list[int]:
@@ -138,6 +174,8 @@ class OneStepOffRollouts(Generic[R]):
             return sorted(s for s, f in self._pending.items() if not f.done())
 
     def close(self) -> None:
+        """Stop: pending rollouts are cancelled, a running one ends at its next `StoppablePolicy` call."""
+        self.stop.set()
         with self._lock:
             for f in self._pending.values():
                 f.cancel()

@@ -9,6 +9,8 @@
 
 Each step is seeded from (seed, step), so a resumed run reproduces the uninterrupted one. Several
 processes (torchrun) each sample and train their own whole forests; `DistContext` owns every collective.
+With `trainer.async_rollouts: 1` (server backends) the rollout of step t+1 is sampled on a background
+thread, with the weights of step t, while step t trains (`served_training.OneStepOffRollouts`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,7 +50,7 @@ from treegrpo.reference import reference_model
 from treegrpo.rewards import exact_match, extract_answer
 from treegrpo.rollout import sample_forests
 from treegrpo.run_log import MetricsLogger
-from treegrpo.served_training import ServedTraining
+from treegrpo.served_training import OneStepOffRollouts, ServedTraining, StoppablePolicy
 from treegrpo.tree import Forest, leaf_arrays, write_jsonl
 from treegrpo.update import (
     NonFiniteWeights,
@@ -82,6 +85,13 @@ _BUDGET_KEYS = (
     "trained_tokens_unique",
     "trained_tokens_total",
 )
+
+
+class StepRollout(NamedTuple):
+    forests: list[Forest]
+    budget: dict[str, Any]
+    rows: list[dict[str, Any]]
+    seconds: float  # sampling time (on the background thread for a one-step-off rollout)
 
 
 def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -167,6 +177,16 @@ class Trainer:
         self.bad_steps = 0
         self.totals: dict[str, float] = {}
         self.signal_warnings = SignalWarnings(every=10)
+        # One-step-off rollouts: a background thread samples step t+1 on the servers while step t trains.
+        self.ahead: OneStepOffRollouts[StepRollout] | None = None
+        if tc.async_rollouts:
+            self.ahead = OneStepOffRollouts(self.sample_step, last_step=tc.steps - 1)
+            self._ahead_policy = StoppablePolicy(self.policy, self.ahead.stop)
+
+    def close(self) -> None:
+        """Stop the background rollout thread (a no-op in sync mode)."""
+        if self.ahead is not None:
+            self.ahead.close()
 
     @property
     def world(self) -> int:
@@ -213,11 +233,18 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         self._seed_step()
-        forests, budget, rows = self.rollout()
-        t_roll = time.perf_counter() - t0
+        pps = self.cfg.trainer.prompts_per_step
+        if self.ahead is None:
+            rollout = self.sample_step(self.step, self.data_position, self.policy)
+        else:  # prefetched during the previous step (sampled now after a resume or at the first step)
+            rollout = self.ahead.get(self.step, self.data_position, self._ahead_policy)
+        forests, budget, rows = rollout.forests, rollout.budget, rollout.rows
+        t_wait = time.perf_counter() - t0
         metrics: dict[str, Any] = {}
         if self.served is not None:  # staleness guard: raises beyond trainer.max_staleness
             metrics.update(self.served.rollout_metrics(trainer_version=self.step))
+        if self.ahead is not None:  # nothing in flight above: the versions and counters are this step's
+            self.ahead.prefetch(self.step + 1, self.data_position + pps, self._ahead_policy)
         rewards, groups, tree_ids = leaf_arrays(forests)
         r = np.asarray(rewards, dtype=np.float64)
         adv = self.advantages(r, groups, tree_ids)
@@ -236,11 +263,15 @@ class Trainer:
         if self.dist.is_main and (why := self.signal_warnings.check(metrics)):
             warnings.warn(f"step {self.step + 1}: {why}", stacklevel=2)
         self.step += 1
-        self.data_position += self.cfg.trainer.prompts_per_step
+        self.data_position += pps
+        if self.ahead is not None:  # the next step's rollout saw only the weights it started with
+            t_wait += self.ahead.wait(self.step)
         if self.served is not None:  # the servers sample the next step with the weights just made
             self.sync_servers(self.served.after_update)
             metrics["train/policy_version"] = float(self.served.policy.version)
-        metrics["time/rollout_seconds"] = t_roll
+        metrics["time/rollout_seconds"] = rollout.seconds
+        if self.ahead is not None:
+            metrics["time/rollout_wait_seconds"] = t_wait
         metrics["time/step_seconds"] = time.perf_counter() - t0
         metrics["_forests"] = forests
         return metrics
@@ -254,22 +285,30 @@ class Trainer:
             hook(self.model, self.step, is_main=False)
 
     def _seed_step(self) -> None:
-        s = step_seed(self.cfg.seed, self.step) + 7_777 * self.rank
-        torch.manual_seed(s)
-        if hasattr(self.policy, "generator"):
-            self.policy.generator.manual_seed(s)
+        torch.manual_seed(self._step_seed(self.step))
+
+    def _step_seed(self, step: int) -> int:
+        return step_seed(self.cfg.seed, step) + 7_777 * self.rank
 
     def rollout(self) -> tuple[list[Forest], dict[str, Any], list[dict[str, Any]]]:
-        """Forests for this rank's prompts: the step's global batch dealt round-robin over ranks."""
+        """This step's forests, budget and rows, sampled now with the live policy."""
+        r = self.sample_step(self.step, self.data_position, self.policy)
+        return r.forests, r.budget, r.rows
+
+    def sample_step(self, step: int, position: int, policy: Any) -> StepRollout:
+        """Forests of step `step` for this rank's prompts (the step's global batch, starting at data
+        `position`, dealt round-robin over ranks). A function of (seed, step, rank) only, so it may run
+        on the one-step-off thread."""
+        t0 = time.perf_counter()
         tc = self.cfg.trainer
-        rows = batch_rows(self.parts.train_rows, self.data_position, tc.prompts_per_step, self.cfg.seed)
+        rows = batch_rows(self.parts.train_rows, position, tc.prompts_per_step, self.cfg.seed)
         rows = rows[self.rank :: self.world]  # whole prompts per process: a forest is never split
-        rng = np.random.default_rng([self.cfg.seed, self.step, 7, self.rank])
+        if hasattr(policy, "generator"):
+            policy.generator.manual_seed(self._step_seed(step))
+        rng = np.random.default_rng([self.cfg.seed, step, 7, self.rank])
         with autocast(self.dist.device, self.compute_dtype):
-            result = sample_forests(
-                rows, group_ids_of(rows), self.policy, self.parts.env, self.rollout_cfg, rng
-            )
-        return result.forests, result.budget, rows
+            result = sample_forests(rows, group_ids_of(rows), policy, self.parts.env, self.rollout_cfg, rng)
+        return StepRollout(result.forests, result.budget, rows, time.perf_counter() - t0)
 
     def advantages(self, rewards: np.ndarray, groups: Any, tree_ids: Any) -> np.ndarray | None:
         try:
@@ -439,10 +478,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     ui = RunProgress(enabled=progress and main, quiet=not main)
-    with ui:
+    with ui, ExitStack() as stack:
         with dist.main_first():  # process 0 builds the warm-start cache, the others load it
             parts = build_run(cfg, log=ui.log, on_sft_step=ui.sft_callback(), device=dist.device)
         trainer = Trainer(cfg, parts, run_dir, dist)
+        stack.callback(trainer.close)  # on any exit: no one-step-off rollout left running
         resumed = trainer.resume() if resume else False
         if trainer.served is not None:  # the servers start from the trainer's (resumed) weights
             trainer.sync_servers(trainer.served.begin)

@@ -159,6 +159,7 @@ class RoutedPolicy:
     ) -> list[StepSample]:
         """Each context to its server (siblings together); `stop` replaces the clients' stop strings."""
         stops = None if stop is None else tuple(str(s) for s in stop if s)
+        version = self.version  # as sent: a sync racing this call can only make staleness over-reported
         out, work = triage_contexts(contexts, self.max_context, self.vocab_size)
         seeds = self.generator.request_seeds(len(contexts))
         keys = [self.keys.key_of(contexts[i]) for i in work]
@@ -198,7 +199,7 @@ class RoutedPolicy:
                 d["prefill_tokens"] += int(sample.prefill_tokens)
             self.stats["generated_tokens"] += len(sample.token_ids)
             out[i] = sample
-        self._sampled_versions.extend([self.version] * len(work))
+        self._sampled_versions.extend([version] * len(work))
         self.stats["calls"] += 1
         return [o for o in out if o is not None]
 
