@@ -60,6 +60,6 @@ def test_quick_run_prints_one_json_object():
     assert sa["steps_timed"] == 2
     assert sa["sync"]["staleness"] == [0.0, 0.0] and sa["async"]["staleness"] == [1.0, 1.0]
     for mode in ("sync", "async"):
-        assert 0 < sa[mode]["rollout_seconds"] and 0 < sa[mode]["step_seconds"]
+        assert sa[mode]["rollout_seconds"] > 0 and sa[mode]["step_seconds"] > 0
     assert 0 <= sa["async"]["rollout_wait_seconds"] <= sa["async"]["step_seconds"]
     assert sa["speedup"] == pytest.approx(sa["sync"]["step_seconds"] / sa["async"]["step_seconds"])
