@@ -158,6 +158,10 @@ class TrainerConfig:
     # tree packing: bin whole trees first-fit-decreasing into rows of this many tokens; 0 = one row per tree,
     # -1 = rows as long as the micro-batch's largest tree (least padding and attention work, never splits)
     max_tokens_per_row: int = field(default=-1, metadata={"min": -1, "max": 1 << 22})
+    # recompute each decoder layer's activations in the backward: activation memory of one layer instead of
+    # all (the dense-mask attention weights are O(rows x T^2) per layer), for ~1/3 more compute. Not with
+    # packing 'path' (its branches reuse the trunk's KV cache)
+    gradient_checkpointing: bool = False
     # rows of hidden states per LM-head + fp32 log-softmax chunk (peak logits memory ≈ chunk × vocab × 4 B)
     logits_chunk: int = field(default=1024, metadata={"min": 1, "max": 1 << 22})
     # Truncated importance sampling for a sampler whose numerics differ from the trainer's (vLLM in bf16):
@@ -318,6 +322,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(
             "trainer.tis_cap: not supported with trainer.packing 'path' (its backward runs inside the loss); "
             "use packing tree or leaf"
+        )
+    if cfg.trainer.packing == "path" and cfg.trainer.gradient_checkpointing:
+        raise ConfigError(
+            "trainer.gradient_checkpointing: not supported with trainer.packing 'path' (its branches reuse "
+            "the trunk's KV cache, and path mode already keeps about one path's activations); turn one off"
         )
     if cfg.trainer.async_rollouts and cfg.policy.backend != "openai":
         raise ConfigError(

@@ -101,6 +101,17 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return model
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute decoder-layer activations in the backward (transformers' own, non-reentrant, so LoRA
+    with frozen inputs gets gradients). Active only in train mode: scoring and generation are unchanged."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UserError(
+            f"trainer.gradient_checkpointing: {type(base).__name__} does not support gradient checkpointing"
+        )
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Trainer:
     def __init__(self, cfg: Config, parts: RunParts, run_dir: Path, dist: DistContext | None = None) -> None:
         self.cfg = cfg
@@ -125,6 +136,8 @@ class Trainer:
             )
         # Placement first, then the reference: a copy of the placed (and warm-started) policy.
         self.model = place_model(parts.model, self.dist.device)
+        if tc.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.dist.broadcast_parameters(self.model)  # every rank starts from rank 0's weights
         warm = "sft" in (parts.warmstart or {})
         self.ref_model = reference_model(self.model, warm, self.compute_dtype) if tc.beta > 0 else None
