@@ -5,7 +5,7 @@ big vocabulary (152k for Qwen): (rows × slots × vocab) floats. Here the decode
 states, the hidden state of each scored token's *parent slot* is gathered into an (N, H) matrix, and the
 LM head + log-softmax run over `chunk` rows at a time. With gradients on, each chunk saves only its
 (chunk, H) input; the backward recomputes its logits and forms the gradient analytically in place
-(`_ChunkScores`), so peak logits memory is a few (chunk × vocab) floats in forward and backward alike,
+(`_ChunkScores`), so peak logits memory is about one (chunk × vocab) tensor in forward and backward alike,
 whatever N is.
 
 `split_causal_lm` finds the decoder and LM head of a transformers causal LM, also inside a peft wrapper
@@ -64,6 +64,25 @@ def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
     return CausalLMParts(decoder=decoder, head=head, post=post)
 
 
+_BLOCK_ROWS = 16  # rows per float32 temporary: the softmax math runs on (16, V) blocks, not (chunk, V)
+
+
+def _block_scores(
+    logits: Tensor, targets: Tensor, temperature: float, entropy: bool
+) -> tuple[Tensor, Tensor]:
+    """Float32 log-prob of each target and the entropy of one block of logits (rows, V)."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    logp = torch.log_softmax(x, dim=-1)
+    del x
+    lp = logp.gather(-1, targets[:, None]).squeeze(-1)
+    if not entropy:
+        return lp, torch.zeros_like(lp)
+    # H = -Σ p·log p as a batched dot product: no third (rows, V) tensor for the product
+    return lp, -torch.bmm(logp.exp()[:, None, :], logp[:, :, None]).reshape(-1)
+
+
 def _chunk_scores(
     hidden: Tensor,
     targets: Tensor,
@@ -72,23 +91,49 @@ def _chunk_scores(
     temperature: float,
     entropy: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Forward only (no graph): log-prob of each target and the entropy, float32."""
+    """Forward only (no graph): log-prob of each target and the entropy, float32. Peak: the chunk's
+    logits in the head's dtype plus (16, V) float32 temporaries."""
     logits = head(hidden)
     if post is not None:
         logits = post(logits)
-    with _fp32(logits):  # under bf16 autocast the bmm below would round the entropy to bf16
-        x = logits.float()
-        del logits
+    with _fp32(logits):  # under bf16 autocast the bmm would round the entropy to bf16
+        out = [
+            _block_scores(logits[r : r + _BLOCK_ROWS], targets[r : r + _BLOCK_ROWS], temperature, entropy)
+            for r in range(0, logits.shape[0], _BLOCK_ROWS)
+        ]
+    if not out:
+        z = logits.new_zeros(0, dtype=torch.float32)
+        return z, z
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def _grad_of_logits_(
+    buf: Tensor, targets: Tensor, g_lp: Tensor, g_ent: Tensor | None, temperature: float
+) -> None:
+    """Overwrite the logits `buf` (chunk, V) with ∂(Σ g_lp·lp + g_ent·H)/∂logits, one row block at a time.
+
+    With z = logits / T, p = softmax(z): ∂lp/∂z = onehot(y) − p and ∂H/∂z = −p·(log p + H).
+    """
+    for r in range(0, buf.shape[0], _BLOCK_ROWS):
+        blk, y, gl = buf[r : r + _BLOCK_ROWS], targets[r : r + _BLOCK_ROWS], g_lp[r : r + _BLOCK_ROWS]
+        x = blk.float()
         if temperature != 1.0:
             x = x / temperature
-        logp = torch.log_softmax(x, dim=-1)
+        g = torch.log_softmax(x, dim=-1)  # log p
         del x
-        lp = logp.gather(-1, targets[:, None]).squeeze(-1)
-        if not entropy:
-            return lp, torch.zeros_like(lp)
-        # H = -Σ p·log p as a batched dot product: no third (chunk, V) tensor for the product
-        ent = -torch.bmm(logp.exp()[:, None, :], logp[:, :, None]).reshape(-1)
-        return lp, ent
+        p = g.exp()
+        if g_ent is not None:
+            ent = -torch.bmm(p[:, None, :], g[:, :, None]).reshape(-1)
+            # −p·(g_lp + g_ent·(log p + H)) + g_lp·onehot
+            g.add_(ent[:, None]).mul_(g_ent[r : r + _BLOCK_ROWS, None]).add_(gl[:, None])
+        else:
+            g.copy_(gl[:, None].expand_as(g))
+        g.mul_(p).neg_()
+        del p
+        g[torch.arange(g.shape[0], device=g.device), y] += gl
+        if temperature != 1.0:
+            g.div_(temperature)
+        blk.copy_(g)
 
 
 def _fp32(x: Tensor) -> Any:
@@ -99,10 +144,11 @@ def _fp32(x: Tensor) -> Any:
 class _ChunkScores(torch.autograd.Function):
     """One chunk's log-probs and entropies; saves only the (chunk, H) input, recomputes logits in backward.
 
-    Backward, with z = logits / T, p = softmax(z), H the entropy:
-    ∂lp/∂z = onehot(y) − p and ∂H/∂z = −p·(log p + H), combined in place in one (chunk, V) buffer, then
-    pushed through the head (and soft-capping) by autograd on the recomputed logits. Peak: the logits, one
-    float32 buffer and p, about three (chunk, V) tensors in forward and backward alike.
+    The backward recomputes the chunk's logits under the forward's autocast state (the same numerics as
+    the loss), overwrites them in place with their gradient (`_grad_of_logits_`, float32 math on row
+    blocks), and pushes that through the head by autograd. A plain `nn.Linear` head saves its input and
+    weight, not its output, so the logits' own storage is the gradient buffer: peak ≈ one (chunk, V)
+    tensor in the head's dtype plus (16, V) float32 temporaries, in forward and backward alike.
     """
 
     @staticmethod
@@ -111,37 +157,29 @@ class _ChunkScores(torch.autograd.Function):
     ):
         ctx.save_for_backward(hidden, targets)
         ctx.parts, ctx.temperature, ctx.entropy = parts, temperature, entropy
+        kind = hidden.device.type
+        ctx.amp = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         with torch.no_grad():
             return _chunk_scores(hidden, targets, parts.head, parts.post, temperature, entropy)
 
     @staticmethod
     def backward(ctx: Any, g_lp: Tensor, g_ent: Tensor):  # noqa: ANN205
         hidden, targets = ctx.saved_tensors
-        parts, temp = ctx.parts, ctx.temperature
-        with torch.enable_grad():
+        parts = ctx.parts
+        kind, amp_on, amp_dtype = ctx.amp
+        with torch.enable_grad(), torch.autocast(kind, dtype=amp_dtype, enabled=amp_on, cache_enabled=False):
             h = hidden.detach().requires_grad_(hidden.requires_grad)
             logits = parts.head(h)
             if parts.post is not None:
                 logits = parts.post(logits)
         with torch.no_grad(), _fp32(logits):
-            buf = torch.log_softmax(logits.detach().float() / temp, dim=-1)  # log p
-            p = buf.exp()
-            g_lp = g_lp.float()
-            if ctx.entropy:
-                ent = -torch.bmm(p[:, None, :], buf[:, :, None]).reshape(-1)
-                # −p·(g_lp + g_ent·(log p + H)) + g_lp·onehot
-                buf.add_(ent[:, None]).mul_(g_ent.float()[:, None]).add_(g_lp[:, None])
-            else:
-                buf.copy_(g_lp[:, None].expand_as(buf))
-            buf.mul_(p).neg_()
-            del p
-            rows = torch.arange(buf.shape[0], device=buf.device)
-            buf[rows, targets] += g_lp
-            if temp != 1.0:
-                buf.div_(temp)
-            grad_logits = buf.to(logits.dtype)
-            del buf
-        torch.autograd.backward(logits, grad_logits)  # head parameters' .grad and h.grad
+            # tanh (soft-capping) and unknown heads may save their output: give those a separate buffer
+            reuse = parts.post is None and type(parts.head) is nn.Linear
+            buf = logits.detach() if reuse else logits.detach().clone()
+            _grad_of_logits_(
+                buf, targets, g_lp.float(), g_ent.float() if ctx.entropy else None, ctx.temperature
+            )
+        torch.autograd.backward(logits, buf)  # head parameters' .grad and h.grad
         return h.grad if hidden.requires_grad else None, None, None, None, None
 
 
