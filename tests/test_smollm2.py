@@ -43,7 +43,7 @@ def test_smollm2_preset_one_training_step(tmp_path: Path, shared_cache: Path):
         "--set",
         "policy.max_new_tokens=24",
         "--set",
-        "warmstart.enabled=false",  # the preset's 256-demo warm start has its own (small) test below
+        "warmstart.enabled=false",  # the preset's 128-demo warm start has its own (small) test below
     ]
     assert main(args) == 0
     rows = read_metrics(tmp_path / "smollm2")
