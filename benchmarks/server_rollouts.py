@@ -16,6 +16,7 @@ Run: python benchmarks/server_rollouts.py [--json] [--quick] [--train-steps N]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -145,7 +146,8 @@ def train_sync_async(
             f"name={mode}",
         ]
         call(url, "/reset_prefix_cache", {})
-        summary = train(load_config(None, sets), progress=False)
+        with contextlib.redirect_stdout(sys.stderr):  # train() prints its summary; stdout is the JSON
+            summary = train(load_config(None, sets), progress=False)
         rows = [r for r in read_metrics(Path(summary["run_dir"])) if r.get("step", 0) >= 2]
 
         def mean(key: str, rows: list[dict[str, Any]] = rows) -> float:
