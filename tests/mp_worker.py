@@ -41,6 +41,7 @@ def main() -> None:
     state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
     lr = float(trainer.scheduler.get_last_lr()[0])
     torch.save({"state": state, "metrics": metrics, "lr": lr}, out_dir / f"rank{rank}.pt")
+    trainer.dist.close()
 
 
 if __name__ == "__main__":

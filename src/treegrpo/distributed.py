@@ -43,6 +43,12 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group. A gloo group left for interpreter exit can abort the process
+        ("terminate called without an active exception", exit -6) after a successful run."""
+        if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def _reduce(self, values: Sequence[float], op: torch.distributed.ReduceOp) -> list[float]:
         if self.world == 1:
             return [float(v) for v in values]

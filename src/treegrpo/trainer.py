@@ -477,12 +477,19 @@ def _pack(trees: Any, advs: Any, total_tokens: float, total_sequences: float, **
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run `cfg` end to end; returns the final summary (also printed and saved as summary.json)."""
+    dist = DistContext.from_environment()
+    try:
+        return _train(cfg, resume, progress, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: Config, resume: bool, progress: bool, dist: DistContext) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from treegrpo.progress import RunProgress
 
     hf_logging.disable_progress_bar()
-    dist = DistContext.from_environment()
     main = dist.is_main  # under torchrun only process 0 logs and saves
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.glob("checkpoints/step-*")) and not resume:
