@@ -90,3 +90,20 @@ def test_two_concurrent_trains_on_one_run_dir(tiny_config: Path, tmp_path: Path)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert main([*base, "--resume", "--set", f"trainer.lr={lr}", "--set", "trainer.steps=4"]) == 0
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+
+
+def test_the_refusal_names_a_holder_that_writes_its_pid_just_after_locking(tmp_path):
+    """The race CI hit: the holder has the lock but has not written its pid yet."""
+    import fcntl
+    import threading
+
+    run = tmp_path / "r"
+    run.mkdir()
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, file still empty
+        threading.Timer(0.2, lambda: os.pwrite(fd, b"4242\n", 0)).start()
+        with pytest.raises(RunDirLocked, match=r"\(pid 4242\)"), run_dir_lock(run):
+            pass
+    finally:
+        os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,12 +24,20 @@ class RunDirLocked(UserError):
     """Another live process holds the run directory."""
 
 
-def _holder_pid(fd: int) -> str:
-    try:
-        raw = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-    except OSError:
-        return "unknown"
-    return raw if raw.isdigit() else "unknown"
+def _holder_pid(fd: int, wait: float = 1.0) -> str:
+    """The holder's pid from the lock file. The holder writes it just after taking the lock, so an empty
+    file is retried for up to `wait` seconds before the pid is called unknown."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            raw = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        except OSError:
+            return "unknown"
+        if raw.isdigit():
+            return raw
+        if time.monotonic() >= deadline:
+            return "unknown"
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager
