@@ -71,16 +71,24 @@ def _block_scores(
     logits: Tensor, targets: Tensor, temperature: float, entropy: bool
 ) -> tuple[Tensor, Tensor]:
     """Float32 log-prob of each target and the entropy of one block of logits (rows, V)."""
-    x = logits.float()
-    if temperature != 1.0:
-        x = x / temperature
-    logp = torch.log_softmax(x, dim=-1)
-    del x
+    logp = _block_logp(logits, temperature)
     lp = logp.gather(-1, targets[:, None]).squeeze(-1)
     if not entropy:
         return lp, torch.zeros_like(lp)
-    # H = -Σ p·log p as a batched dot product: no third (rows, V) tensor for the product
-    return lp, -torch.bmm(logp.exp()[:, None, :], logp[:, :, None]).reshape(-1)
+    return lp, _entropy(logp.exp(), logp)
+
+
+def _block_logp(logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / T) of one block, float32 (a new tensor: `logits` is left as it is)."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    return torch.log_softmax(x, dim=-1)
+
+
+def _entropy(p: Tensor, logp: Tensor) -> Tensor:
+    """H = -Σ p·log p per row as a batched dot product: no third (rows, V) tensor for the product."""
+    return -torch.bmm(p[:, None, :], logp[:, :, None]).reshape(-1)
 
 
 def _chunk_scores(
@@ -116,14 +124,10 @@ def _grad_of_logits_(
     """
     for r in range(0, buf.shape[0], _BLOCK_ROWS):
         blk, y, gl = buf[r : r + _BLOCK_ROWS], targets[r : r + _BLOCK_ROWS], g_lp[r : r + _BLOCK_ROWS]
-        x = blk.float()
-        if temperature != 1.0:
-            x = x / temperature
-        g = torch.log_softmax(x, dim=-1)  # log p
-        del x
+        g = _block_logp(blk, temperature)  # log p, then overwritten in place by the gradient
         p = g.exp()
         if g_ent is not None:
-            ent = -torch.bmm(p[:, None, :], g[:, :, None]).reshape(-1)
+            ent = _entropy(p, g)
             # −p·(g_lp + g_ent·(log p + H)) + g_lp·onehot
             g.add_(ent[:, None]).mul_(g_ent[r : r + _BLOCK_ROWS, None]).add_(gl[:, None])
         else:

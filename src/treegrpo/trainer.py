@@ -310,8 +310,8 @@ class Trainer:
 
     def sample_step(self, step: int, position: int, policy: Any) -> StepRollout:
         """Forests of step `step` for this rank's prompts (the step's global batch, starting at data
-        `position`, dealt round-robin over ranks). A function of (seed, step, rank) only, so it may run
-        on the one-step-off thread."""
+        `position`, dealt round-robin over ranks). A function of (seed, step, rank, position) only, so it
+        may run on the one-step-off thread."""
         t0 = time.perf_counter()
         tc = self.cfg.trainer
         rows = batch_rows(self.parts.train_rows, position, tc.prompts_per_step, self.cfg.seed)
