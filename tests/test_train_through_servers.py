@@ -21,13 +21,24 @@ def _metrics(run: Path) -> dict[int, dict]:
     }
 
 
+def _served(urls: list[str], *extra: str) -> list[str]:
+    """Overrides that train through the servers at `urls` (no evaluation), plus `extra`."""
+    return ["policy.backend=openai", f"policy.base_url={','.join(urls)}", "trainer.eval_every=0", *extra]
+
+
+def _faster_lr(tiny_config: Path) -> None:
+    """lr 0.05: one update moves the log-probs visibly."""
+    raw = yaml.safe_load(tiny_config.read_text())
+    raw["trainer"]["lr"] = 0.05
+    tiny_config.write_text(yaml.safe_dump(raw))
+
+
 def test_weights_follow_the_trainer_and_mismatch_is_rounding(tiny_config: Path):
     from treegrpo.trainer import train
 
     cfg = load_config(str(tiny_config))
     with served_run_model(cfg, n=2) as urls:
-        sets = ["policy.backend=openai", f"policy.base_url={','.join(urls)}", "trainer.eval_every=0"]
-        summary = train(load_config(str(tiny_config), sets), progress=False)
+        summary = train(load_config(str(tiny_config), _served(urls)), progress=False)
         for u in urls:
             import urllib.request
 
@@ -46,19 +57,10 @@ def test_weights_follow_the_trainer_and_mismatch_is_rounding(tiny_config: Path):
 def test_without_sync_the_mismatch_grows_and_the_stale_guard_stops(tiny_config: Path):
     from treegrpo.trainer import train
 
-    raw = yaml.safe_load(tiny_config.read_text())
-    raw["trainer"]["lr"] = 0.05  # move the weights visibly in one step
-    tiny_config.write_text(yaml.safe_dump(raw))
+    _faster_lr(tiny_config)
     cfg = load_config(str(tiny_config))
     with served_run_model(cfg, n=1) as urls:
-        sets = [
-            "policy.backend=openai",
-            f"policy.base_url={urls[0]}",
-            "policy.weight_sync=none",
-            "trainer.max_staleness=1",
-            "trainer.eval_every=0",
-            "trainer.save_every=1",
-        ]
+        sets = _served(urls, "policy.weight_sync=none", "trainer.max_staleness=1", "trainer.save_every=1")
         with pytest.raises(UserError, match="max_staleness"):
             train(load_config(str(tiny_config), sets), progress=False)
     run = Path(cfg.output_dir) / cfg.name
@@ -67,31 +69,18 @@ def test_without_sync_the_mismatch_grows_and_the_stale_guard_stops(tiny_config: 
     assert m[2]["train/logprob_mismatch"] > 1e-3 and m[2]["train/staleness"] == 1.0
 
 
-def _async_run(tiny_config: Path, url: str, name: str) -> dict[int, dict]:
-    from treegrpo.trainer import train
-
-    sets = [
-        "policy.backend=openai",
-        f"policy.base_url={url}",
-        "trainer.async_rollouts=1",
-        "trainer.tis_cap=2.0",
-        "trainer.eval_every=0",
-        f"name={name}",
-    ]
-    summary = train(load_config(str(tiny_config), sets), progress=False)
-    assert summary["steps"] == 3
-    return _metrics(Path(summary["run_dir"]))
-
-
 def test_async_rollouts_sample_one_step_off(tiny_config: Path):
     """Step t+1 is sampled with the weights of step t while step t trains: staleness 0, 1, 1; the
     sampler/trainer mismatch is rounding only where the weights agree (step 1)."""
-    raw = yaml.safe_load(tiny_config.read_text())
-    raw["trainer"]["lr"] = 0.05  # one update moves the log-probs visibly
-    tiny_config.write_text(yaml.safe_dump(raw))
+    from treegrpo.trainer import train
+
+    _faster_lr(tiny_config)
     cfg = load_config(str(tiny_config))
     with served_run_model(cfg, n=1) as urls:
-        a = _async_run(tiny_config, urls[0], "async")
+        sets = _served(urls, "trainer.async_rollouts=1", "trainer.tis_cap=2.0")
+        summary = train(load_config(str(tiny_config), sets), progress=False)
+    assert summary["steps"] == 3
+    a = _metrics(Path(summary["run_dir"]))
     assert [a[s]["train/staleness"] for s in (1, 2, 3)] == [0.0, 1.0, 1.0]
     assert [a[s]["train/policy_version"] for s in (1, 2, 3)] == [1.0, 2.0, 3.0]
     assert a[1]["train/logprob_mismatch"] < 1e-4
@@ -110,13 +99,7 @@ def test_async_rollouts_beyond_the_staleness_bound_stop_cleanly(tiny_config: Pat
 
     cfg = load_config(str(tiny_config))
     with served_run_model(cfg, n=1) as urls:
-        sets = [
-            "policy.backend=openai",
-            f"policy.base_url={urls[0]}",
-            "policy.weight_sync=none",
-            "trainer.async_rollouts=1",
-            "trainer.eval_every=0",
-        ]
+        sets = _served(urls, "policy.weight_sync=none", "trainer.async_rollouts=1")
         with pytest.raises(UserError, match="max_staleness"):
             train(load_config(str(tiny_config), sets), progress=False)
     assert not [t for t in threading.enumerate() if t.name.startswith("rollout")]
