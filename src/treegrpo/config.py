@@ -159,8 +159,9 @@ class TrainerConfig:
     # -1 = rows as long as the micro-batch's largest tree (least padding and attention work, never splits)
     max_tokens_per_row: int = field(default=-1, metadata={"min": -1, "max": 1 << 22})
     # recompute each decoder layer's activations in the backward: activation memory of one layer instead of
-    # all (the dense-mask attention weights are O(rows x T^2) per layer), for ~1/3 more compute. Not with
-    # packing 'path' (its branches reuse the trunk's KV cache)
+    # all (the dense-mask attention weights are O(rows x T^2) per layer), at the cost of one more forward of
+    # each layer in the backward (README: 1.13x the loss time on a tiny model). Not with packing 'path' (its
+    # branches reuse the trunk's KV cache)
     gradient_checkpointing: bool = False
     # rows of hidden states per LM-head + fp32 log-softmax chunk (peak logits memory ≈ chunk × vocab × 4 B)
     logits_chunk: int = field(default=1024, metadata={"min": 1, "max": 1 << 22})
