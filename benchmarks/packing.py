@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peak_memory  # noqa: E402
-from treegrpo.logits import split_causal_lm, token_scores  # noqa: E402
+from treegrpo.logits import CausalLMParts, split_causal_lm, token_scores  # noqa: E402
 from treegrpo.loss import LossConfig  # noqa: E402
 from treegrpo.models import tiny_causal_lm  # noqa: E402
 from treegrpo.packing import PackedBatch, forward_logprobs, pack, packed_loss  # noqa: E402
@@ -192,27 +192,47 @@ def run_shape(
 
 
 def logits_memory(model: torch.nn.Module, chunk: int, device: torch.device) -> dict[str, Any]:
-    """Peak memory of log-probs + entropies (forward + backward) for 4 chunks of rows, against chunk × V × 4 B."""
+    """Peak memory of log-probs + entropies (forward + backward) for 4 chunks of rows, against chunk × V × 4 B.
+
+    Two cases: the synthetic model's own head (small vocabulary, trained head) and a 32,768-token head that
+    is frozen, as under LoRA (the case where a big vocabulary makes logits the largest item). Each reports
+    the gradient buffers any method must produce (the hidden states' gradient, and the head weight's when
+    it trains) and the peak net of them, which is the logits' own memory."""
     parts = split_causal_lm(model)
     assert parts is not None
-    n = 4 * chunk
-    h = torch.randn(n, parts.head.in_features, device=device, requires_grad=True)
-    y = torch.randint(0, parts.head.out_features, (n,), device=device)
+    out = _logits_case(parts, chunk, device)
+    big = torch.nn.Linear(parts.head.in_features, 32_768, bias=False, device=device).requires_grad_(False)
+    out["frozen_head_v32768"] = _logits_case(CausalLMParts(parts.decoder, big, None), chunk, device)
+    return out
+
+
+def _logits_case(parts: CausalLMParts, chunk: int, device: torch.device) -> dict[str, Any]:
+    n, hid, vocab = 4 * chunk, parts.head.in_features, parts.head.out_features
+    h = torch.randn(n, hid, device=device, requires_grad=True)
+    y = torch.randint(0, vocab, (n,), device=device)
+    head_trains = any(p.requires_grad for p in parts.head.parameters())
 
     def run() -> None:
+        h.grad = None
+        for p in parts.head.parameters():
+            p.grad = None
         lp, ent = token_scores(h, y, parts, 1.0, chunk, True)
         (lp.sum() + ent.sum()).backward()
 
     run()
     peak, _ = peak_memory.peak_mb(run, device)
-    unit = chunk * parts.head.out_features * 4 / 2**20
+    unit = chunk * vocab * 4 / 2**20
+    grads = (n * hid + (vocab * hid if head_trains else 0)) * 4 / 2**20
     return {
         "rows": n,
         "chunk": chunk,
-        "vocab": parts.head.out_features,
+        "vocab": vocab,
+        "head_trains": head_trains,
         "peak_mb": round(peak, 1),
         "chunk_x_vocab_x4_mb": round(unit, 1),
         "peak_over_chunk_x_vocab_x4": round(peak / unit, 3),
+        "input_grads_mb": round(grads, 1),
+        "logits_only_over_chunk_x_vocab_x4": round((peak - grads) / unit, 3),
         "all_rows_x_vocab_x4_mb": round(4 * unit, 1),
     }
 
