@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from treegrpo.run_log import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,8 +40,7 @@ def _run(src: Path, work: Path, side: str, rep: str, steps: int) -> dict[str, fl
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{side} run failed: {proc.stderr.strip().splitlines()[-1:]}")
-    rows = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").open()]
-    rows = [r for r in rows if "time/step_seconds" in r]
+    rows = [r for r in read_metrics(work / "runs" / name) if "time/step_seconds" in r]
     step = statistics.fmean(r["time/step_seconds"] for r in rows)
     rollout = statistics.fmean(r["time/rollout_seconds"] for r in rows)
     return {"step_seconds": step, "rollout_seconds": rollout, "update_seconds": step - rollout}
